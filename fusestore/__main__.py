@@ -1,0 +1,3 @@
+from fusestore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,361 @@
+"""The `fusestore` command line. Every command prints a one-line error and exits non-zero on
+failure; commands that report take `--json`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import msgspec
+
+from fusestore import config as config_mod
+from fusestore import control
+from fusestore.engine import validate
+from fusestore.engine.state import STATE_NAME, Busy
+from fusestore.engine.store import Rejected, Store
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr."""
+
+
+# -- finding trees and mounts ------------------------------------------------------------------
+
+
+def _unescape_mountinfo(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def fusestore_mounts() -> list[tuple[str, str]]:
+    """(mountpoint, backing) of every fusestore mount on this machine."""
+    result = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(rfields) >= 2 and rfields[0] == "fuse.fusestore":
+                result.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(rfields[1])))
+    return result
+
+
+def mount_of(path: str) -> tuple[str, str] | None:
+    """The fusestore mount that holds `path` (mountpoint, backing), or None."""
+    real = os.path.realpath(path)
+    best = None
+    for mountpoint, backing in fusestore_mounts():
+        if real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/"):
+            if best is None or len(mountpoint) > len(best[0]):
+                best = (mountpoint, backing)
+    return best
+
+
+def locate(path: str) -> tuple[str, str, str | None]:
+    """For a PATH in a mount or a backing tree: (backing, path relative to it, mountpoint or None)."""
+    absolute = os.path.abspath(path)
+    parent = os.path.realpath(os.path.dirname(absolute))
+    full = os.path.join(parent, os.path.basename(absolute))
+    found = mount_of(parent)
+    if found:
+        mountpoint, backing = found
+        return backing, os.path.relpath(full, mountpoint), mountpoint
+    probe = parent
+    while True:
+        if os.path.isdir(os.path.join(probe, STATE_NAME)):
+            rel = os.path.relpath(full, probe)
+            served = [m for m, b in fusestore_mounts() if b == probe]
+            return probe, rel, served[0] if served else None
+        if probe == "/":
+            raise CommandError(f"{path} is not in a fusestore mount or backing tree")
+        probe = os.path.dirname(probe)
+
+
+def find_mount(mountpoint: str | None, root: str | None) -> tuple[str, str]:
+    """(mountpoint, backing) for status and unmount: the given mountpoint, the mount serving
+    --root, or the mount that holds the current directory."""
+    if mountpoint:
+        real = os.path.realpath(mountpoint)
+        for m, b in fusestore_mounts():
+            if m == real:
+                return m, b
+        raise CommandError(f"{mountpoint} is not a fusestore mount")
+    start = root or os.getcwd()
+    found = mount_of(start)
+    if found:
+        return found
+    real = os.path.realpath(start)
+    for m, b in fusestore_mounts():
+        if real == b or real.startswith(b + "/"):
+            return m, b
+    raise CommandError(f"no fusestore mount found for {start}")
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_mount(args) -> int:
+    from fusestore import daemon
+
+    if args.foreground:
+        return daemon.serve(args.backing, args.mountpoint, args.o, args.config, True, args.ready_fd)
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "fusestore", "mount", "--foreground", "--ready-fd", str(write_end),
+           args.backing, args.mountpoint]
+    if args.config:
+        cmd += ["--config", os.path.abspath(args.config)]
+    for opt in args.o:
+        cmd += ["-o", opt]
+    proc = subprocess.Popen(cmd, pass_fds=(write_end,), start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        message = ready.readline().decode(errors="replace").strip()
+    if message != "ok":
+        proc.wait(timeout=30)
+        raise CommandError(message.removeprefix("error: ") or f"the daemon exited with status {proc.returncode}")
+    # The mount answers once a stat of its root is served by the daemon.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.stat(args.mountpoint)
+            if os.path.ismount(args.mountpoint):
+                return 0
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise CommandError(f"the daemon exited with status {proc.returncode} before the mount answered")
+        time.sleep(0.02)
+    raise CommandError("the mount did not answer within 30 seconds")
+
+
+def _wait_gone(pid: int, mountpoint: str, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = pid > 0 and os.path.exists(f"/proc/{pid}")
+        if not alive and not any(m == mountpoint for m, _ in fusestore_mounts()):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def cmd_unmount(args) -> int:
+    mountpoint, backing = find_mount(args.mountpoint, None)
+    state = os.path.join(backing, STATE_NAME)
+    pid = -1
+    try:
+        reply = control.ask(state, "status", timeout=10)
+        pid = reply.status.pid if reply.status else -1
+        reply = control.ask(state, "unmount")
+        if not reply.ok:
+            raise CommandError(reply.error or "the daemon refused to unmount")
+    except (OSError, ConnectionError, msgspec.DecodeError):
+        # No daemon answers (it was killed): remove the dead mount.
+        for flags in (["-u"], ["-uz"]):
+            if subprocess.run(["fusermount3", *flags, mountpoint], capture_output=True).returncode == 0:
+                break
+        else:
+            raise CommandError(f"cannot unmount {mountpoint}: no daemon answers and fusermount3 failed")
+    if not _wait_gone(pid, mountpoint):
+        raise CommandError(f"the daemon serving {mountpoint} did not exit")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_status(args) -> int:
+    mountpoint, backing = find_mount(args.mountpoint, args.root)
+    try:
+        reply = control.ask(os.path.join(backing, STATE_NAME), "status", timeout=30)
+    except (OSError, ConnectionError) as e:
+        raise CommandError(f"the daemon serving {mountpoint} does not answer ({e})") from None
+    s = reply.status
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(s) + b"\n")
+        return 0
+    lines = [
+        f"mount:        {s.mountpoint}",
+        f"backing:      {s.backing}",
+        f"pid:          {s.pid}, up {datetime.timedelta(seconds=int(s.uptime_seconds))} (since {_when(s.started)})",
+        f"open staged:  {s.open_staged_files} file(s), {s.open_handles} open handle(s)",
+        f"commits:      {s.commits}",
+        f"rejections:   {s.rejections}",
+        f"quarantine:   {s.quarantine_entries} entr{'y' if s.quarantine_entries == 1 else 'ies'}"
+        f" ({s.quarantined} this run, {s.recovered_at_mount} recovered at mount)",
+        f"backups:      {s.backup_files} file(s), {s.backup_generations} generation(s), {_size(s.backup_bytes)}",
+    ]
+    for r in s.recent_rejections[-5:]:
+        lines.append(f"  rejected {_when(r.time)} {r.path}: {r.reason}")
+    print("\n".join(lines))
+    return 0
+
+
+class GenerationReport(msgspec.Struct):
+    generation: int
+    superseded: str
+    size: int
+    valid: bool
+    problem: str | None
+
+
+def _generation_reports(store: Store, relpath: str) -> list[GenerationReport]:
+    kind = store.rule(relpath).validate
+    reports = []
+    for gen in store.backups.generations(relpath):
+        fd = store.backups.open_generation(relpath, gen.number)
+        try:
+            problem = validate.check(kind, fd)
+        finally:
+            os.close(fd)
+        when = datetime.datetime.fromtimestamp(gen.superseded_ns / 1e9).isoformat(timespec="seconds")
+        reports.append(GenerationReport(gen.number, when, gen.size, problem is None, problem))
+    return reports
+
+
+def _open_store(backing: str) -> Store:
+    try:
+        return Store(backing, config_mod.load(backing))
+    except config_mod.ConfigError as e:
+        raise CommandError(str(e)) from None
+
+
+def cmd_backups(args) -> int:
+    backing, relpath, _ = locate(args.path)
+    store = _open_store(backing)
+    try:
+        reports = _generation_reports(store, relpath)
+    finally:
+        store.close()
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(reports) + b"\n")
+        return 0
+    if not reports:
+        raise CommandError(f"no backups of {relpath}")
+    print(f"{'gen':>3}  {'superseded':19}  {'size':>10}  valid")
+    for r in reports:
+        print(f"{r.generation:>3}  {r.superseded:19}  {r.size:>10}  {'yes' if r.valid else 'no: ' + (r.problem or '')}")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    backing, relpath, mountpoint = locate(args.path)
+    store = _open_store(backing)
+    try:
+        if mountpoint is not None:
+            # Served: write through the mount, so the daemon commits it like any other write.
+            src = store.backups.open_generation(relpath, args.generation)
+            try:
+                _copy_through_mount(src, os.path.join(mountpoint, relpath), relpath)
+            finally:
+                os.close(src)
+        else:
+            try:
+                store.state.lock()
+            except Busy as e:
+                raise CommandError(str(e)) from None
+            store.restore(relpath, args.generation)
+    except FileNotFoundError:
+        raise CommandError(f"no backup generation {args.generation} of {relpath}") from None
+    except Rejected as e:
+        raise CommandError(f"generation {args.generation} of {relpath} was rejected: {e.reason}") from None
+    finally:
+        store.close()
+    print(f"restored {relpath} from generation {args.generation}")
+    return 0
+
+
+def _copy_through_mount(src: int, target: str, relpath: str) -> None:
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise CommandError(f"cannot write {target}: {e.strerror}") from None
+    try:
+        offset = 0
+        while chunk := os.pread(src, 1 << 20, offset):
+            os.write(fd, chunk)
+            offset += len(chunk)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.close(fd)
+    except OSError as e:
+        if e.errno == errno.EBADMSG:
+            raise CommandError(f"the backup of {relpath} was rejected by its rule (see `fusestore status`)") from None
+        raise CommandError(f"cannot commit {target}: {e.strerror}") from None
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusestore", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("mount", help="mount BACKING on MOUNTPOINT")
+    p.add_argument("backing", metavar="BACKING")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument("--config", metavar="FILE", help="configuration file (default: BACKING/fusestore.toml)")
+    p.add_argument("-o", action="append", default=[], metavar="OPT,...",
+                   help="mount options: xattr, show_virtual, allow_other, ro, attr_timeout=S, entry_timeout=S, debug")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("unmount", help="commit or quarantine open files, unmount, wait for the daemon")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_unmount)
+
+    p = sub.add_parser("status", help="what a mount is doing")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--root", metavar="DIR", help="a backing tree or a mount of one")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("backups", help="the backup generations of a file")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backups)
+
+    p = sub.add_parser("restore", help="put a backup generation back as a new commit")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--generation", "-g", type=int, default=1, metavar="N")
+    p.set_defaults(func=cmd_restore)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CommandError as e:
+        print(f"fusestore {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"fusestore {args.command}: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+

@@ -1,0 +1,107 @@
+"""The configuration: `fusestore.toml` in the backing tree, or a file given with `--config`.
+
+Owns the rules that decide, for each path, how a write is validated, whether backups are kept and
+whether the file is staged or appended through. Decoding is strict: an unknown key or a value of
+the wrong type stops the mount with a message that names it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from typing import Literal
+
+import msgspec
+
+CONFIG_NAME = "fusestore.toml"
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message names the file and the key."""
+
+
+class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How writes to the paths matching `glob` are handled.
+
+    A glob without a slash matches the file name in any directory; a glob with a slash matches
+    the whole path relative to the backing tree (`*` also crosses directories there).
+    """
+
+    glob: str
+    validate: Literal["json", "none"] = "none"
+    backups: bool = True
+    mode: Literal["staged", "append"] = "staged"
+
+    def matches(self, relpath: str) -> bool:
+        if "/" in self.glob:
+            return fnmatch.fnmatchcase(relpath, self.glob)
+        return fnmatch.fnmatchcase(relpath.rpartition("/")[2], self.glob)
+
+
+class Backups(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    keep: int = 3
+    max_age_days: float = 7.0
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ValueError("backups.keep must be at least 1")
+        if self.max_age_days <= 0:
+            raise ValueError("backups.max_age_days must be positive")
+
+
+class Mount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    # Seconds the kernel may cache names and attributes. fusestore invalidates what it commits
+    # itself, so these only bound how long a change made behind the mount's back stays unseen.
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.attr_timeout < 0 or self.entry_timeout < 0:
+            raise ValueError("mount timeouts must not be negative")
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    Rule(glob="*.log", mode="append", backups=False),
+    Rule(glob="*.json", validate="json"),
+    Rule(glob="*"),
+)
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    rules: tuple[Rule, ...] = ()
+    backups: Backups = Backups()
+    mount: Mount = Mount()
+
+    def rule_for(self, relpath: str) -> Rule:
+        """The first matching rule: the file's own rules first, then the defaults."""
+        for rule in self.rules:
+            if rule.matches(relpath):
+                return rule
+        for rule in DEFAULT_RULES:
+            if rule.matches(relpath):
+                return rule
+        return DEFAULT_RULES[-1]
+
+
+def load(backing: str, path: str | None = None) -> Config:
+    """Read `path`, or `BACKING/fusestore.toml` when it exists, or return the defaults."""
+    if path is None:
+        candidate = os.path.join(backing, CONFIG_NAME)
+        if not os.path.isfile(candidate):
+            return Config()
+        path = candidate
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    # TOML spells a list of tables [[rule]]; accept that name for the `rules` field.
+    if "rule" in raw:
+        raw["rules"] = raw.pop("rule")
+    try:
+        return msgspec.convert(raw, Config)
+    except (msgspec.ValidationError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,266 @@
+"""Serving one backing tree: checks, lock, recovery, mount, the request loop, and a clean exit.
+
+Order, as S3QL does it: check everything that can be checked before mounting (and report it
+through the ready pipe so `fusestore mount` can print the reason), take the tree's lock, recover
+what a previous daemon left, mount, start the FUSE loop, the control socket and the signal
+watcher in one nursery, signal readiness, and unmount in `finally` whatever happened.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import pyfuse3
+import trio
+
+from fusestore import config as config_mod
+from fusestore import control
+from fusestore.engine.state import Busy
+from fusestore.engine.store import Store
+from fusestore.fs.operations import Filesystem, Options
+
+log = logging.getLogger("fusestore")
+
+
+class MountError(Exception):
+    """The mount cannot start; the message says why."""
+
+
+KNOWN_OPTIONS = {"xattr", "show_virtual", "allow_other", "ro", "attr_timeout", "entry_timeout", "debug"}
+
+
+def parse_options(values: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for value in values:
+        for item in value.split(","):
+            if not item:
+                continue
+            key, _, arg = item.partition("=")
+            if key not in KNOWN_OPTIONS:
+                raise MountError(f"unknown mount option {key!r} (known: {', '.join(sorted(KNOWN_OPTIONS))})")
+            options[key] = arg
+    return options
+
+
+def preflight(backing: str, mountpoint: str) -> None:
+    if not os.path.isdir(backing):
+        raise MountError(f"backing directory {backing} does not exist or is not a directory")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+    if os.listdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+    real_b, real_m = os.path.realpath(backing), os.path.realpath(mountpoint)
+    if real_m == real_b or real_m.startswith(real_b + "/") or real_b.startswith(real_m + "/"):
+        raise MountError("the mountpoint and the backing directory must not contain each other")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module or install fuse3")
+
+
+def setup_logging(store: Store, foreground: bool, debug: bool) -> None:
+    root = logging.getLogger("fusestore")
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler = logging.FileHandler(store.state.log_path)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if foreground:
+        err = logging.StreamHandler(sys.stderr)
+        err.setFormatter(fmt)
+        root.addHandler(err)
+
+
+class Daemon:
+    def __init__(self, store: Store, fs: Filesystem, mountpoint: str, recovered: int):
+        self.store = store
+        self.fs = fs
+        self.mountpoint = mountpoint
+        self.recovered = recovered
+        self.started = time.time()
+        self.stopping = False
+
+    def status(self) -> control.Status:
+        stats = self.store.stats
+        files, gens, size = _backup_figures(self.store.state.backups_fd)
+        return control.Status(
+            backing=self.store.backing, mountpoint=self.mountpoint, pid=os.getpid(), started=self.started,
+            uptime_seconds=time.time() - self.started, open_staged_files=self.fs.open_stages(),
+            open_handles=len(self.fs.handles), known_inodes=len(self.fs.inodes.by_ino),
+            commits=stats.commits, rejections=stats.rejections, quarantined=stats.quarantined,
+            quarantine_entries=len(self.store.quarantine_entries()), backups_kept=stats.backups_kept,
+            backup_files=files, backup_generations=gens, backup_bytes=size,
+            recovered_at_mount=self.recovered, recent_rejections=list(stats.recent_rejections),
+        )
+
+    async def stop(self) -> int:
+        """Commit or quarantine what is open, then end the FUSE loop (the mount goes in finally)."""
+        if self.stopping:
+            return 0
+        self.stopping = True
+        count = await self.fs.commit_all()
+        log.info("unmounting %s (%d staged file(s) committed or quarantined)", self.mountpoint, count)
+        pyfuse3.terminate()
+        return count
+
+    async def serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        path = self.store.state.socket_path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        async with listener:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._answer, stream)
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            with trio.move_on_after(10):
+                while not data.endswith(b"\n"):
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+            try:
+                request = control.decode_request(data)
+            except Exception as e:  # noqa: BLE001 - a bad request gets an answer, not a crash
+                await stream.send_all(control.encode(control.Reply(ok=False, error=f"bad request: {e}")))
+                return
+            if request.cmd == "status":
+                status = await trio.to_thread.run_sync(self.status)
+                await stream.send_all(control.encode(control.Reply(ok=True, status=status)))
+            else:
+                count = await self.stop()
+                await stream.send_all(control.encode(control.Reply(ok=True, committed_at_unmount=count)))
+
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received signal %d", signum)
+                await self.stop()
+
+    async def run(self, ready) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.serve_control)
+            nursery.start_soon(self.watch_signals)
+
+            async def fuse_loop():
+                try:
+                    await pyfuse3.main(min_tasks=4, max_tasks=64)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(fuse_loop)
+            ready()
+
+
+def _backup_figures(backups_fd: int) -> tuple[int, int, int]:
+    files = gens = size = 0
+    for dirpath, _dirs, names, dfd in os.fwalk(".", dir_fd=backups_fd):
+        generations = [n for n in names if n.startswith("%") and n[1:].isdigit()]
+        if generations:
+            files += 1
+            gens += len(generations)
+            for n in generations:
+                try:
+                    size += os.stat(n, dir_fd=dfd, follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    pass
+    return files, gens, size
+
+
+def serve(backing: str, mountpoint: str, options: list[str], config_path: str | None,
+          foreground: bool, ready_fd: int | None) -> int:
+    """Mount and serve until unmounted. Reports readiness or the reason for failure on ready_fd."""
+
+    def report(message: str) -> None:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, message.encode() + b"\n")
+                os.close(ready_fd)
+            except OSError:
+                pass
+
+    try:
+        opts = parse_options(options)
+        backing = os.path.abspath(backing)
+        mountpoint = os.path.abspath(mountpoint)
+        preflight(backing, mountpoint)
+        config = config_mod.load(backing, config_path)
+        mount_cfg = config.mount
+        attr_timeout = float(opts.get("attr_timeout") or mount_cfg.attr_timeout)
+        entry_timeout = float(opts.get("entry_timeout") or mount_cfg.entry_timeout)
+        store = Store(backing, config)
+    except (MountError, config_mod.ConfigError, ValueError) as e:
+        report(f"error: {e}")
+        return 1
+    except OSError as e:
+        report(f"error: {e.strerror or e}: {e.filename or backing}")
+        return 1
+    try:
+        store.state.lock()
+    except Busy as e:
+        store.close()
+        report(f"error: {e}")
+        return 1
+    setup_logging(store, foreground, "debug" in opts)
+    _raise_fd_limit()
+    recovered = store.recover()
+    fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts,
+                                   attr_timeout=attr_timeout, entry_timeout=entry_timeout))
+    fuse_options = set(pyfuse3.default_options)
+    fuse_options |= {f"fsname={backing}", "subtype=fusestore"}
+    if "allow_other" in opts:
+        fuse_options.add("allow_other")
+    if "ro" in opts:
+        fuse_options.add("ro")
+    try:
+        pyfuse3.init(fs, mountpoint, fuse_options)
+    except RuntimeError as e:
+        report(f"error: cannot mount on {mountpoint}: {e}")
+        store.close()
+        return 1
+    daemon = Daemon(store, fs, mountpoint, len(recovered))
+    log.info("serving %s on %s (pid %d, %d staged file(s) recovered)", backing, mountpoint, os.getpid(), len(recovered))
+    clean = False
+    try:
+        trio.run(daemon.run, lambda: report("ok"))
+        clean = True
+    except BaseException:
+        log.exception("the daemon stopped on an error")
+        raise
+    finally:
+        pyfuse3.close(unmount=True)
+        try:
+            os.unlink(store.state.socket_path)
+        except OSError:
+            pass
+        store.close()
+        log.info("stopped%s", "" if clean else " after an error")
+    return 0
+
+
+def _raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            if getattr(e, "errno", None) != errno.EPERM:
+                log.warning("could not raise the open file limit: %s", e)

@@ -1,0 +1,147 @@
+"""Backup generations: the previous contents of every file, kept by hard link, never by copy.
+
+`state/backups/` mirrors the tree. The generations of the file `a/b.json` are the entries of the
+directory `backups/a/b.json/` named `%<nanoseconds>`, the moment the content was superseded.
+Generation 1 is the newest. Names are never renumbered: rotation only deletes the oldest, so a
+crash at any point leaves a consistent set. Tree names that begin with `%` are stored with one
+more `%` in front, so they can never be taken for a generation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import msgspec
+
+from fusestore.engine.paths import components, open_dir
+
+
+class Generation(msgspec.Struct, frozen=True):
+    number: int
+    name: str
+    superseded_ns: int
+    size: int
+
+
+def escape(name: str) -> str:
+    return "%" + name if name.startswith("%") else name
+
+
+def unescape(name: str) -> str | None:
+    """The tree name stored as `name`, or None when `name` is a generation."""
+    if name.startswith("%%"):
+        return name[1:]
+    if name.startswith("%"):
+        return None
+    return name
+
+
+def _is_generation(name: str) -> bool:
+    return len(name) > 1 and name[0] == "%" and name[1:].isdigit()
+
+
+class Backups:
+    def __init__(self, backups_fd: int, keep: int):
+        self.fd = backups_fd
+        self.keep_count = keep
+
+    def _dir(self, relpath: str, create: bool = False) -> int:
+        return open_dir(self.fd, [escape(p) for p in components(relpath)], create=create, mode=0o700)
+
+    def keep(self, src_dir_fd: int, name: str | bytes, relpath: str) -> None:
+        """Hard-link the current file `name` in `src_dir_fd` as generation 1 of `relpath`.
+
+        The backup directory is fsynced before this returns, so the caller may then let the old
+        content lose its name: the backup is complete and durable first.
+        """
+        dfd = self._dir(relpath, create=True)
+        try:
+            now = time.time_ns()
+            while True:
+                gen = f"%{now:020d}"
+                try:
+                    os.link(name, gen, src_dir_fd=src_dir_fd, dst_dir_fd=dfd, follow_symlinks=False)
+                    break
+                except FileExistsError:
+                    now += 1
+            os.fsync(dfd)
+            self._rotate(dfd)
+        finally:
+            os.close(dfd)
+
+    def _rotate(self, dfd: int) -> None:
+        names = sorted((n for n in os.listdir(dfd) if _is_generation(n)), reverse=True)
+        for old in names[self.keep_count :]:
+            try:
+                os.unlink(old, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+
+    def generations(self, relpath: str) -> list[Generation]:
+        """The generations of `relpath`, newest (number 1) first; empty when there are none."""
+        try:
+            dfd = self._dir(relpath)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        try:
+            result = []
+            names = sorted((n for n in os.listdir(dfd) if _is_generation(n)), reverse=True)
+            for number, name in enumerate(names, 1):
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                result.append(Generation(number, name, int(name[1:]), st.st_size))
+            return result
+        finally:
+            os.close(dfd)
+
+    def open_generation(self, relpath: str, number: int) -> int:
+        """A read-only fd on generation `number` of `relpath`; FileNotFoundError when missing."""
+        for gen in self.generations(relpath):
+            if gen.number == number:
+                dfd = self._dir(relpath)
+                try:
+                    return os.open(gen.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                finally:
+                    os.close(dfd)
+        raise FileNotFoundError(f"no backup generation {number} of {relpath}")
+
+    def stat_generation(self, relpath: str, number: int) -> tuple[os.stat_result, int]:
+        """The backup file's stat and the time (ns) it was superseded."""
+        for gen in self.generations(relpath):
+            if gen.number == number:
+                dfd = self._dir(relpath)
+                try:
+                    return os.stat(gen.name, dir_fd=dfd, follow_symlinks=False), gen.superseded_ns
+                finally:
+                    os.close(dfd)
+        raise FileNotFoundError(f"no backup generation {number} of {relpath}")
+
+    def listing(self, relpath: str) -> tuple[list[str], int]:
+        """Below `relpath`: the tree names that have backups and the number of generations."""
+        try:
+            dfd = self._dir(relpath)
+        except (FileNotFoundError, NotADirectoryError):
+            return [], 0
+        try:
+            names, count = [], 0
+            for entry in os.scandir(dfd):
+                if _is_generation(entry.name):
+                    count += 1
+                elif entry.is_dir(follow_symlinks=False):
+                    tree_name = unescape(entry.name)
+                    if tree_name is not None:
+                        names.append(tree_name)
+            return sorted(names), count
+        finally:
+            os.close(dfd)
+
+    def is_dir(self, relpath: str) -> bool:
+        try:
+            os.close(self._dir(relpath))
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+

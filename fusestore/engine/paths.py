@@ -1,0 +1,82 @@
+"""Walking the backing tree by directory file descriptors, never by resolving path strings.
+
+Every function here opens one component at a time relative to a directory fd with O_NOFOLLOW, so
+no symlink in the backing tree (or swapped in while we work) can lead fusestore's own reads and
+writes outside BACKING. Relative paths are `str` with `/` separators, as the rules see them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_ficlone = 0x40049409
+
+
+def components(relpath: str) -> list[str]:
+    """Split a relative path into names, refusing anything that could leave the tree."""
+    parts = [p for p in relpath.split("/") if p not in ("", ".")]
+    for part in parts:
+        if part == ".." or "\0" in part:
+            raise OSError(errno.EINVAL, f"invalid path component {part!r}")
+    if relpath.startswith("/"):
+        raise OSError(errno.EINVAL, "absolute paths are not allowed here")
+    return parts
+
+
+def open_dir(base_fd: int, parts: list[str], create: bool = False, mode: int = 0o755) -> int:
+    """Open the directory `parts` below `base_fd`, one component at a time, without following links."""
+    fd = os.open(".", DIR_FLAGS, dir_fd=base_fd)
+    try:
+        for part in parts:
+            try:
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(part, mode, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def renameat2(src_dir: int, src: str | bytes, dst_dir: int, dst: str | bytes, flags: int = 0) -> None:
+    src_b = os.fsencode(src)
+    dst_b = os.fsencode(dst)
+    if _renameat2(src_dir, src_b, dst_dir, dst_b, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(dst))
+
+
+def clone_or_copy(src_fd: int, dst_fd: int) -> None:
+    """Make `dst_fd` a copy of `src_fd`: a reflink where the filesystem can, else copy_file_range."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(dst_fd, _ficlone, src_fd)
+        return
+    except OSError:
+        pass
+    size = os.fstat(src_fd).st_size
+    offset = 0
+    while offset < size:
+        n = os.copy_file_range(src_fd, dst_fd, size - offset, offset, offset)
+        if n == 0:
+            break
+        offset += n
+    os.ftruncate(dst_fd, offset)

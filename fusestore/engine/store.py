@@ -1,0 +1,336 @@
+"""The store: stages, commits, backups and quarantine of one backing tree.
+
+This is the only code that replaces a file's content. Close, rename, restore and recovery all go
+through `Store.commit`, whose steps keep the tree consistent if the process dies between any two:
+
+1. validate the staged content (invalid: move it to the quarantine, raise `Rejected`);
+2. copy mode, owner and extended attributes of the current file onto the staged file;
+3. fsync the staged file;
+4. hard-link the current file as backup generation 1 and fsync the backup directory;
+5. rename the staged file over the target (the atomic step);
+6. fsync the target's directory.
+
+A crash before 5 leaves the old content in place and the staged file in `staging/`, which the next
+mount moves to the quarantine; after 5 the new content is complete. Everything here is blocking:
+the filesystem layer calls it from worker threads, the CLI calls it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from fusestore import config as config_mod
+from fusestore.engine import validate
+from fusestore.engine.backups import Backups
+from fusestore.engine.paths import DIR_FLAGS, RENAME_NOREPLACE, clone_or_copy, components, open_dir, renameat2
+from fusestore.engine.state import StateDir
+
+log = logging.getLogger("fusestore")
+
+XATTR_PATH = "user.fusestore.path"
+XATTR_CREATED = "user.fusestore.created"
+_OWN_XATTRS = (XATTR_PATH, XATTR_CREATED)
+_STAGE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+class Rejected(Exception):
+    """Content failed its rule; it was kept in the quarantine."""
+
+    def __init__(self, relpath: str, reason: str, quarantined: str | None, placeholder_removed: bool = False):
+        super().__init__(f"{relpath}: {reason}")
+        self.relpath = relpath
+        self.reason = reason
+        self.quarantined = quarantined
+        self.placeholder_removed = placeholder_removed
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    path: str
+    time: float
+    reason: str
+    quarantined: str | None
+
+
+@dataclass
+class Stats:
+    commits: int = 0
+    rejections: int = 0
+    quarantined: int = 0
+    backups_kept: int = 0
+    recent_rejections: list[Rejection] = field(default_factory=list)
+
+
+class Stage:
+    """A private staged copy of one file's next content, in `state/staging/`."""
+
+    __slots__ = ("fd", "name", "relpath", "created_ino")
+
+    def __init__(self, fd: int, name: str, relpath: str, created_ino: int):
+        self.fd = fd
+        self.name = name
+        self.relpath = relpath
+        self.created_ino = created_ino
+
+
+class Store:
+    def __init__(self, backing: str, config: config_mod.Config):
+        self.backing = os.path.abspath(backing)
+        self.config = config
+        self.root_fd = os.open(self.backing, DIR_FLAGS)
+        self.state = StateDir(self.root_fd, self.backing)
+        self.backups = Backups(self.state.backups_fd, config.backups.keep)
+        self.stats = Stats()
+        self._names = itertools.count()
+
+    def close(self) -> None:
+        self.state.close()
+        os.close(self.root_fd)
+
+    def rule(self, relpath: str) -> config_mod.Rule:
+        return self.config.rule_for(relpath)
+
+    # -- staging ---------------------------------------------------------------------------
+
+    def new_stage(self, relpath: str, created_ino: int = 0) -> Stage:
+        """An empty staged file for `relpath`. `created_ino` names the empty placeholder that an
+        open with O_CREAT put in the tree, so recovery can remove it if the write never commits."""
+        while True:
+            name = f"{time.time_ns()}-{os.getpid()}-{next(self._names)}"
+            try:
+                fd = os.open(name, _STAGE_FLAGS, 0o600, dir_fd=self.state.staging_fd)
+                break
+            except FileExistsError:
+                continue
+        try:
+            os.setxattr(fd, XATTR_PATH, relpath.encode())
+            if created_ino:
+                os.setxattr(fd, XATTR_CREATED, str(created_ino).encode())
+        except OSError:
+            pass  # no user xattrs here: recovery then quarantines the bytes without their path
+        return Stage(fd, name, relpath, created_ino)
+
+    def stage_copy(self, src_fd: int, relpath: str) -> Stage:
+        stage = self.new_stage(relpath)
+        try:
+            clone_or_copy(src_fd, stage.fd)
+        except BaseException:
+            self.discard(stage)
+            raise
+        return stage
+
+    def discard(self, stage: Stage) -> None:
+        try:
+            os.unlink(stage.name, dir_fd=self.state.staging_fd)
+        except FileNotFoundError:
+            pass
+        os.close(stage.fd)
+
+    # -- commit ----------------------------------------------------------------------------
+
+    def commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str) -> None:
+        """Replace `name` in `dir_fd` by the staged content, or raise Rejected. Consumes `stage`."""
+        rule = self.rule(relpath)
+        reason = validate.check(rule.validate, stage.fd)
+        if reason is not None:
+            # A new file whose first content is refused never existed: drop its placeholder.
+            removed = bool(stage.created_ino) and self._remove_placeholder_at(dir_fd, name, stage.created_ino)
+            self.reject(stage, relpath, reason, removed)
+        try:
+            current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        if current is not None and not stat.S_ISREG(current.st_mode):
+            self.quarantine(stage, relpath, "target is no longer a regular file")
+            raise IsADirectoryError(f"{relpath} is no longer a regular file")
+        try:
+            self._clear_own_xattrs(stage.fd)
+            if current is not None:
+                self._carry_metadata(current, dir_fd, name, stage.fd)
+            os.fsync(stage.fd)
+            placeholder = current is not None and current.st_size == 0 and current.st_ino == stage.created_ino
+            if current is not None and rule.backups and not placeholder:
+                self.backups.keep(dir_fd, name, relpath)
+                self.stats.backups_kept += 1
+            os.rename(stage.name, name, src_dir_fd=self.state.staging_fd, dst_dir_fd=dir_fd)
+        except BaseException as e:
+            if isinstance(e, OSError):
+                self.quarantine(stage, relpath, f"commit failed: {e.strerror or e}")
+            raise
+        os.close(stage.fd)
+        os.fsync(dir_fd)
+        self.stats.commits += 1
+        log.debug("committed %s", relpath)
+
+    def reject(self, stage: Stage, relpath: str, reason: str, placeholder_removed: bool = False) -> None:
+        quarantined = self.quarantine(stage, relpath, reason)
+        self.stats.rejections += 1
+        record = Rejection(relpath, time.time(), reason, quarantined)
+        self.stats.recent_rejections = (self.stats.recent_rejections + [record])[-20:]
+        log.warning("rejected %s: %s (bytes kept in quarantine as %s)", relpath, reason, quarantined)
+        raise Rejected(relpath, reason, quarantined, placeholder_removed)
+
+    def quarantine(self, stage: Stage, relpath: str, reason: str) -> str | None:
+        """Move the staged bytes to `state/quarantine/` with a `.reason` record; consumes `stage`."""
+        if os.fstat(stage.fd).st_size == 0:
+            self.discard(stage)
+            return None
+        while True:
+            name = self.quarantine_name(relpath)
+            try:
+                renameat2(self.state.staging_fd, stage.name, self.state.quarantine_fd, name, RENAME_NOREPLACE)
+                break
+            except FileExistsError:
+                continue
+        os.close(stage.fd)
+        self._write_reason(name, relpath, reason)
+        self.stats.quarantined += 1
+        return name
+
+    def quarantine_name(self, relpath: str) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        flat = relpath.replace("/", "%")[-150:] or "unknown"
+        return f"{stamp}-{time.time_ns() % 1_000_000_000:09d}-{flat}"
+
+    def _write_reason(self, name: str, relpath: str, reason: str) -> None:
+        record = msgspec.json.encode({"path": relpath, "time": time.time(), "reason": reason})
+        fd = os.open(name + ".reason", _STAGE_FLAGS & ~os.O_RDWR | os.O_WRONLY, 0o600, dir_fd=self.state.quarantine_fd)
+        try:
+            os.write(fd, record + b"\n")
+        finally:
+            os.close(fd)
+
+    def _clear_own_xattrs(self, fd: int) -> None:
+        for attr in _OWN_XATTRS:
+            try:
+                os.removexattr(fd, attr)
+            except OSError:
+                pass
+
+    def _carry_metadata(self, current: os.stat_result, dir_fd: int, name: str | bytes, fd: int) -> None:
+        os.fchmod(fd, stat.S_IMODE(current.st_mode))
+        if os.geteuid() == 0:
+            os.fchown(fd, current.st_uid, current.st_gid)
+            # chown clears set-id bits; put the mode back exactly as it was.
+            os.fchmod(fd, stat.S_IMODE(current.st_mode))
+        path = f"/proc/self/fd/{dir_fd}/{os.fsdecode(name)}"
+        try:
+            attrs = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return
+        for attr in attrs:
+            if attr in _OWN_XATTRS:
+                continue
+            try:
+                os.setxattr(fd, attr, os.getxattr(path, attr, follow_symlinks=False))
+            except OSError as e:
+                log.warning("could not carry xattr %s of %s: %s", attr, os.fsdecode(name), e.strerror)
+
+    # -- whole-file operations on the tree -------------------------------------------------
+
+    def keep_backup(self, dir_fd: int, name: str | bytes, relpath: str) -> bool:
+        """Keep the current regular file `name` as a backup when its rule wants backups."""
+        if not self.rule(relpath).backups:
+            return False
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        self.backups.keep(dir_fd, name, relpath)
+        self.stats.backups_kept += 1
+        return True
+
+    def check_file(self, dir_fd: int, name: str | bytes, relpath: str) -> str | None:
+        """Why the committed file `name` may not stand at `relpath`, or None."""
+        kind = self.rule(relpath).validate
+        if kind == "none":
+            return None
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return validate.check(kind, fd)
+        finally:
+            os.close(fd)
+
+    def open_parent(self, relpath: str) -> tuple[int, str]:
+        """A directory fd on the parent of `relpath` and the final name."""
+        parts = components(relpath)
+        if not parts:
+            raise IsADirectoryError("the tree's root is not a file")
+        return open_dir(self.root_fd, parts[:-1]), parts[-1]
+
+    def restore(self, relpath: str, number: int = 1) -> None:
+        """Put generation `number` back as an ordinary commit (the replaced content becomes a
+        backup). For a tree that no daemon serves; through a mount, write the file instead."""
+        src = self.backups.open_generation(relpath, number)
+        try:
+            stage = self.stage_copy(src, relpath)
+        finally:
+            os.close(src)
+        dir_fd, name = self.open_parent_creating(relpath)
+        try:
+            self.commit(stage, dir_fd, name, relpath)
+        finally:
+            os.close(dir_fd)
+
+    def open_parent_creating(self, relpath: str) -> tuple[int, str]:
+        parts = components(relpath)
+        return open_dir(self.root_fd, parts[:-1], create=True), parts[-1]
+
+    # -- recovery --------------------------------------------------------------------------
+
+    def recover(self) -> list[tuple[str, str | None]]:
+        """Move staged files left by a crash to the quarantine and remove the empty placeholders
+        of files whose first write never committed. Returns (path, quarantine name) pairs."""
+        found = []
+        for name in os.listdir(self.state.staging_fd):
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.state.staging_fd)
+            except OSError:
+                continue
+            relpath, created = "", 0
+            try:
+                relpath = os.getxattr(fd, XATTR_PATH).decode(errors="replace")
+                created = int(os.getxattr(fd, XATTR_CREATED))
+            except (OSError, ValueError):
+                pass
+            stage = Stage(fd, name, relpath or "unknown", created)
+            if created and relpath:
+                self._remove_placeholder(relpath, created)
+            quarantined = self.quarantine(stage, stage.relpath, "left by a write that never committed (daemon stopped)")
+            found.append((stage.relpath, quarantined))
+            log.warning("recovered staged data of %s into the quarantine as %s", stage.relpath, quarantined)
+        return found
+
+    def _remove_placeholder(self, relpath: str, ino: int) -> None:
+        try:
+            dir_fd, name = self.open_parent(relpath)
+        except OSError:
+            return
+        try:
+            self._remove_placeholder_at(dir_fd, name, ino)
+        finally:
+            os.close(dir_fd)
+
+    def _remove_placeholder_at(self, dir_fd: int, name: str | bytes, ino: int) -> bool:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if st.st_ino == ino and st.st_size == 0 and stat.S_ISREG(st.st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+                os.fsync(dir_fd)
+                return True
+        except OSError:
+            pass
+        return False
+
+    def quarantine_entries(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.state.quarantine_fd) if not n.endswith(".reason"))

@@ -1,0 +1,91 @@
+"""Validation of staged content against the rule for its path.
+
+`check(kind, fd)` returns None for valid content or a reason that names the line and column. It
+reads the file through a read-only memory map, so a large document is never copied into a
+Python bytes object, and JSON syntax is checked by msgspec without building the document.
+"""
+
+from __future__ import annotations
+
+import codecs
+import mmap
+import os
+import re
+
+import msgspec
+
+_BYTE_AT = re.compile(r"\(byte (\d+)\)")
+_UTF8_CHUNK = 1 << 20
+
+
+def position(data, offset: int) -> tuple[int, int]:
+    """Line and column (both from 1) of byte `offset` in `data` (bytes or a memory map)."""
+    offset = max(0, min(offset, len(data)))
+    lines, line_start = 0, 0
+    for start in range(0, offset, _UTF8_CHUNK):
+        chunk = data[start : min(start + _UTF8_CHUNK, offset)]
+        count = chunk.count(b"\n")
+        if count:
+            lines += count
+            line_start = start + chunk.rfind(b"\n") + 1
+    return lines + 1, offset - line_start + 1
+
+
+def _at(data, offset: int, message: str) -> str:
+    line, column = position(data, offset)
+    return f"line {line}, column {column}: {message}"
+
+
+def _utf8_error(data) -> str | None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    start = 0
+    while start < len(data):
+        chunk = data[start : start + _UTF8_CHUNK]
+        pending = len(decoder.getstate()[0])
+        if not pending and chunk.isascii():
+            start += len(chunk)
+            continue
+        try:
+            decoder.decode(chunk)
+        except UnicodeDecodeError as e:
+            return _at(data, start - pending + e.start, "invalid UTF-8")
+        start += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return _at(data, len(data), "invalid UTF-8 (incomplete sequence at the end)")
+    return None
+
+
+def json_error(data) -> str | None:
+    """Why `data` is not exactly one UTF-8 JSON document (RFC 8259), or None when it is."""
+    if len(data) == 0:
+        return "line 1, column 1: empty file, expected a JSON document"
+    if data[:3] == b"\xef\xbb\xbf":
+        return "line 1, column 1: byte order mark is not allowed in JSON (RFC 8259)"
+    try:
+        msgspec.json.decode(data, type=msgspec.Raw)
+    except msgspec.DecodeError as e:
+        text = str(e)
+        found = _BYTE_AT.search(text)
+        offset = int(found.group(1)) if found else len(data)
+        text = _BYTE_AT.sub("", text).replace("JSON is malformed: ", "").strip()
+        if text == "Input data was truncated":
+            text = "unexpected end of document (truncated)"
+        return _at(data, offset, text)
+    except RecursionError:
+        return "line 1, column 1: nesting too deep"
+    return _utf8_error(data)
+
+
+def check(kind: str, fd: int) -> str | None:
+    """Validate the whole content of the open file `fd` for rule kind `kind`."""
+    if kind == "none":
+        return None
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return json_error(b"")
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
+        if kind == "json":
+            return json_error(data)
+    raise ValueError(f"unknown validation kind {kind!r}")

@@ -1,0 +1,786 @@
+"""The FUSE request handlers: translate each request into operations on the backing tree and
+the store, and nothing else.
+
+Every handler goes through `_errors`: an OSError becomes its errno, a rejection becomes EBADMSG,
+anything unexpected becomes EIO with a logged traceback, so no exception ever ends the daemon.
+
+Readers and writers of one file never share kernel page-cache pages that disagree:
+- writers always get direct I/O, so uncommitted bytes never enter the page cache;
+- a commit bumps the node's epoch and invalidates the kernel's data and attributes;
+- a reader opened while a reader of an older epoch is still open gets direct I/O, so the old
+  reader's page-cache fills (old content) can never be mixed into its view.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from typing import Awaitable, Callable, TypeVar
+
+import pyfuse3
+import trio
+
+from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from fusestore.engine.state import STATE_NAME
+from fusestore.engine.store import Rejected, Stage, Store
+from fusestore.fs.nodes import ROOT_INODE, InodeTable, Node, VirtualNode
+from fusestore.fs.virtual import BACKUPS_NAME, CACHE_NAME, BackupsView
+
+log = logging.getLogger("fusestore")
+T = TypeVar("T")
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_RESERVED = {STATE_NAME.encode(), BACKUPS_NAME.encode(), CACHE_NAME.encode()}
+
+
+def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Rejected:
+            raise pyfuse3.FUSEError(errno.EBADMSG) from None
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except BaseException:
+            log.exception("unexpected error in %s%r", fn.__name__, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Handle:
+    __slots__ = ("node", "flags", "fd", "writer", "append", "dirty", "epoch")
+
+    def __init__(self, node: Node, flags: int):
+        self.node = node
+        self.flags = flags
+        self.fd: int | None = None  # read fd on the committed file, or the append-through fd
+        self.writer = (flags & os.O_ACCMODE) != os.O_RDONLY
+        self.append = False  # append-through: writes go straight to the backing file
+        self.dirty = False
+        self.epoch: int | None = None  # set when the handle reads through the page cache
+
+
+class DirHandle:
+    __slots__ = ("node", "entries")
+
+    def __init__(self, node: Node | VirtualNode):
+        self.node = node
+        self.entries: list | None = None
+
+
+class VirtualHandle:
+    __slots__ = ("node", "fd")
+
+    def __init__(self, node: VirtualNode, fd: int):
+        self.node = node
+        self.fd = fd
+
+
+class Options:
+    def __init__(self, xattr: bool = False, show_virtual: bool = False,
+                 attr_timeout: float = 1.0, entry_timeout: float = 1.0):
+        self.xattr = xattr
+        self.show_virtual = show_virtual
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+
+
+class Filesystem(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store, options: Options):
+        super().__init__()
+        self.store = store
+        self.options = options
+        root_st = os.fstat(store.root_fd)
+        root_fd = os.open(".", DIR_FLAGS, dir_fd=store.root_fd)
+        self.inodes = InodeTable(root_fd, (root_st.st_dev, root_st.st_ino))
+        self.handles: dict[int, Handle | DirHandle | VirtualHandle] = {}
+        self._next_fh = 1
+        self.backups_view = BackupsView(store.backups)
+        self.uid = os.geteuid()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _fh(self, handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    def _node(self, ino: int) -> Node:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if isinstance(node, VirtualNode):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return node
+
+    def _dir(self, ino: int) -> Node:
+        node = self._node(ino)
+        if not node.is_dir or node.fd is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return node
+
+    def _entry(self, ino: int, st) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.generation = 0
+        if isinstance(self.inodes.get(ino), VirtualNode):
+            # Generation N changes content with every commit: never let the kernel cache it.
+            e.entry_timeout = e.attr_timeout = 0
+        else:
+            e.entry_timeout = self.options.entry_timeout
+            e.attr_timeout = self.options.attr_timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _stat(self, node: Node) -> os.stat_result:
+        if node.fd is not None:
+            return os.stat(node.fd)
+        parent, name = node.location
+        return os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+
+    def _check_name(self, parent: Node, name: bytes) -> None:
+        """Names that new entries may not take: the state directory and the virtual dirs."""
+        if parent.ino == ROOT_INODE and name in _RESERVED:
+            raise pyfuse3.FUSEError(errno.EEXIST if name != STATE_NAME.encode() else errno.EPERM)
+
+    def _known(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
+        """The node for entry `name` of `parent` with stat `st`, made if new (no lookup added)."""
+        key = (st.st_dev, st.st_ino)
+        node = self.inodes.find(key)
+        if node is not None:
+            if node.is_dir != stat.S_ISDIR(st.st_mode):
+                self.inodes.by_key.pop(key, None)  # inode number reused behind our back
+            else:
+                self.inodes.add_link(node, parent, name)
+                return node
+        fd = None
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent.fd)
+            st2 = os.fstat(fd)
+            if (st2.st_dev, st2.st_ino) != key:  # swapped while we looked
+                os.close(fd)
+                raise pyfuse3.FUSEError(errno.EAGAIN)
+        return self.inodes.add(st, fd, parent, name)
+
+    def _looked_up(self, node: Node | VirtualNode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        node.lookups += 1
+        return self._entry(node.ino, st)
+
+    def _owner(self, parent: Node, ctx) -> tuple[int, int] | None:
+        """The owner a new entry gets when the daemon runs as root: the caller's, with the group
+        of a set-group-ID parent directory, as a local filesystem does."""
+        if self.uid != 0:
+            return None
+        gid = ctx.gid
+        pst = os.fstat(parent.fd)
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+        return ctx.uid, gid
+
+    def _relpath(self, parent: Node, name: bytes) -> str:
+        base = parent.relpath()
+        return f"{base}/{os.fsdecode(name)}" if base else os.fsdecode(name)
+
+    def _virtual(self, ino: int) -> VirtualNode | None:
+        node = self.inodes.get(ino)
+        return node if isinstance(node, VirtualNode) else None
+
+    # -- lookups and attributes ------------------------------------------------------------
+
+    @_errors
+    async def lookup(self, parent_inode, name, ctx):
+        vparent = self._virtual(parent_inode)
+        if vparent is not None:
+            vnode, st = self.backups_view.lookup(self.inodes, vparent, name)
+            return self._looked_up(vnode, st)
+        parent = self._dir(parent_inode)
+        if name == b".":
+            return self._looked_up(parent, os.fstat(parent.fd))
+        if name == b"..":
+            up = parent.links[-1][0] if parent.links else parent
+            return self._looked_up(up, os.fstat(up.fd))
+        if parent.ino == ROOT_INODE:
+            if name == STATE_NAME.encode() or name == CACHE_NAME.encode():
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if name == BACKUPS_NAME.encode():
+                vnode, st = self.backups_view.root(self.inodes)
+                return self._looked_up(vnode, st)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        node = self._known(parent, name, st)
+        return self._looked_up(node, st)
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            try:
+                self.inodes.forget(ino, count)
+            except Exception:
+                log.exception("forget of inode %d failed", ino)
+
+    @_errors
+    async def getattr(self, inode, ctx):
+        vnode = self._virtual(inode)
+        if vnode is not None:
+            return self._entry(inode, self.backups_view.stat(vnode))
+        node = self._node(inode)
+        return self._entry(inode, self._stat(node))
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if self._virtual(inode) is not None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._node(inode)
+        if fields.update_size:
+            await self._truncate(node, attr.st_size, self.handles.get(fh) if fh is not None else None)
+        if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
+            await trio.to_thread.run_sync(self._set_metadata, node, attr, fields)
+        return self._entry(inode, self._stat(node))
+
+    def _set_metadata(self, node: Node, attr, fields) -> None:
+        if node.fd is not None:
+            target, kw = node.fd, {}
+        else:
+            parent, name = node.location
+            target, kw = name, {"dir_fd": parent.fd, "follow_symlinks": False}
+        if fields.update_uid or fields.update_gid:
+            os.chown(target, attr.st_uid if fields.update_uid else -1,
+                     attr.st_gid if fields.update_gid else -1, **kw)
+        if fields.update_mode:
+            if isinstance(target, int):
+                os.chmod(target, stat.S_IMODE(attr.st_mode))
+            else:
+                # chmod has no O_NOFOLLOW form for regular files: pin the inode with O_PATH.
+                pfd = os.open(target, _PATH_FLAGS, dir_fd=kw["dir_fd"])
+                try:
+                    if stat.S_ISLNK(os.fstat(pfd).st_mode):
+                        raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
+                    os.chmod(f"/proc/self/fd/{pfd}", stat.S_IMODE(attr.st_mode))
+                finally:
+                    os.close(pfd)
+        if fields.update_atime or fields.update_mtime:
+            st = self._stat(node)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(target, ns=(atime, mtime), **kw)
+
+    async def _truncate(self, node: Node, size: int, handle) -> None:
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if size < 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        parent, name = node.location
+        relpath = node.relpath()
+        if self.store.rule(relpath).mode == "append":
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            return
+        async with node.commit_lock():
+            stage = await self._ensure_stage(node, empty=(size == 0))
+            os.ftruncate(stage.fd, size)
+        if isinstance(handle, Handle) and handle.writer:
+            handle.dirty = True
+        elif node.writers == 0:
+            # truncate(2) on a path, or ftruncate on a file nobody writes: a commit of its own.
+            await self._commit(node)
+        else:
+            for h in self.handles.values():
+                if isinstance(h, Handle) and h.node is node and h.writer:
+                    h.dirty = True
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        parent, name = node.location
+        return os.fsencode(os.readlink(name, dir_fd=parent.fd))
+
+    @_errors
+    async def statfs(self, ctx):
+        sv = os.statvfs(self.store.root_fd)
+        data = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, attr, getattr(sv, attr))
+        return data
+
+    @_errors
+    async def access(self, inode, mode, ctx):
+        # The kernel checks permissions itself (default_permissions); existence is all we add.
+        if self._virtual(inode) is None:
+            self._stat(self._node(inode))
+        return True
+
+    # -- creating and removing names -------------------------------------------------------
+
+    def _made(self, parent: Node, name: bytes, owner, chown_symlink: bool = False) -> pyfuse3.EntryAttributes:
+        if owner is not None:
+            os.chown(name, owner[0], owner[1], dir_fd=parent.fd, follow_symlinks=False)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        return self._looked_up(self._known(parent, name, st), st)
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent = self._writable_dir(parent_inode)
+        self._check_name(parent, name)
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.fd)
+        owner = self._owner(parent, ctx)
+        if owner is not None:
+            os.chown(name, owner[0], owner[1], dir_fd=parent.fd, follow_symlinks=False)
+            # chown may not be allowed to keep set-id bits; restore the requested mode.
+            os.chmod(name, stat.S_IMODE(mode) | (os.stat(name, dir_fd=parent.fd).st_mode & stat.S_ISGID), dir_fd=parent.fd)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        return self._looked_up(self._known(parent, name, st), st)
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        parent = self._writable_dir(parent_inode)
+        self._check_name(parent, name)
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        return self._made(parent, name, self._owner(parent, ctx))
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        parent = self._writable_dir(parent_inode)
+        self._check_name(parent, name)
+        os.symlink(target, name, dir_fd=parent.fd)
+        return self._made(parent, name, self._owner(parent, ctx))
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = self._node(inode)
+        new_parent = self._writable_dir(new_parent_inode)
+        self._check_name(new_parent, new_name)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        parent, name = node.location
+        os.link(name, new_name, src_dir_fd=parent.fd, dst_dir_fd=new_parent.fd, follow_symlinks=False)
+        st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+        self.inodes.add_link(node, new_parent, new_name)
+        return self._looked_up(node, st)
+
+    def _writable_dir(self, ino: int) -> Node:
+        if self._virtual(ino) is not None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self._dir(ino)
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        parent = self._writable_dir(parent_inode)
+        if parent.ino == ROOT_INODE and name in _RESERVED:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        relpath = self._relpath(parent, name)
+        await trio.to_thread.run_sync(self._unlink_keeping_backup, parent.fd, name, relpath)
+        node = self.inodes.find((st.st_dev, st.st_ino))
+        if node is not None:
+            self.inodes.remove_link(node, parent, name)
+
+    def _unlink_keeping_backup(self, dir_fd: int, name: bytes, relpath: str) -> None:
+        self.store.keep_backup(dir_fd, name, relpath)
+        os.unlink(name, dir_fd=dir_fd)
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        parent = self._writable_dir(parent_inode)
+        if parent.ino == ROOT_INODE and name in _RESERVED:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        os.rmdir(name, dir_fd=parent.fd)
+        node = self.inodes.find((st.st_dev, st.st_ino))
+        if node is not None:
+            self.inodes.remove_link(node, parent, name)
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        old_parent = self._writable_dir(parent_inode_old)
+        new_parent = self._writable_dir(parent_inode_new)
+        for parent, name in ((old_parent, name_old), (new_parent, name_new)):
+            if parent.ino == ROOT_INODE and name in _RESERVED:
+                raise pyfuse3.FUSEError(errno.EPERM)
+        src_st = os.stat(name_old, dir_fd=old_parent.fd, follow_symlinks=False)
+        src = self.inodes.find((src_st.st_dev, src_st.st_ino))
+        if src is not None and src.stage is not None:
+            await self._commit(src)  # a file renamed while still being written: commit first
+        try:
+            dst_st = os.stat(name_new, dir_fd=new_parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            dst_st = None
+        dst = self.inodes.find((dst_st.st_dev, dst_st.st_ino)) if dst_st is not None else None
+        if dst is not None and dst is not src and dst.stage is not None and flags & RENAME_EXCHANGE:
+            await self._commit(dst)
+        src_rel = self._relpath(old_parent, name_old)
+        dst_rel = self._relpath(new_parent, name_new)
+        await trio.to_thread.run_sync(
+            self._rename, old_parent.fd, name_old, new_parent.fd, name_new, flags, src_rel, dst_rel, dst_st is not None
+        )
+        if src is not None:
+            self.inodes.remove_link(src, old_parent, name_old)
+            self.inodes.add_link(src, new_parent, name_new)
+        if dst is not None and dst is not src:
+            self.inodes.remove_link(dst, new_parent, name_new)
+            if flags & RENAME_EXCHANGE:
+                self.inodes.add_link(dst, old_parent, name_old)
+
+    def _rename(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_exists) -> None:
+        # Content that may not stand under its new name is refused before anything moves.
+        reason = self.store.check_file(old_fd, name_old, dst_rel)
+        if reason is None and flags & RENAME_EXCHANGE:
+            reason = self.store.check_file(new_fd, name_new, src_rel)
+        if reason is not None:
+            self.store.stats.rejections += 1
+            log.warning("rejected rename of %s to %s: %s", src_rel, dst_rel, reason)
+            raise Rejected(dst_rel, reason, None)
+        if dst_exists and not flags & (RENAME_EXCHANGE | RENAME_NOREPLACE):
+            self.store.keep_backup(new_fd, name_new, dst_rel)
+        renameat2(old_fd, name_old, new_fd, name_new, flags)
+        os.fsync(new_fd)
+        if old_fd != new_fd:
+            os.fsync(old_fd)
+
+    # -- files -----------------------------------------------------------------------------
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent = self._writable_dir(parent_inode)
+        self._check_name(parent, name)
+        if flags & os.O_DIRECT:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         stat.S_IMODE(mode), dir_fd=parent.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # Created behind our back since the kernel's lookup: open the existing file instead.
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            node = self._known(parent, name, st)
+            info = await self._open(node, flags & ~os.O_CREAT)
+            return info, self._looked_up(node, self._stat(node))
+        try:
+            owner = self._owner(parent, ctx)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        node = self._known(parent, name, st)
+        relpath = self._relpath(parent, name)
+        info = await self._open(node, flags, created_ino=st.st_ino, relpath=relpath)
+        return info, self._looked_up(node, st)
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        vnode = self._virtual(inode)
+        if vnode is not None:
+            if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            fd = self.backups_view.open(vnode)
+            vnode.handles += 1
+            return pyfuse3.FileInfo(fh=self._fh(VirtualHandle(vnode, fd)), direct_io=True)
+        if flags & os.O_DIRECT:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return await self._open(self._node(inode), flags)
+
+    async def _open(self, node: Node, flags: int, created_ino: int = 0, relpath: str | None = None) -> pyfuse3.FileInfo:
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        handle = Handle(node, flags)
+        parent, name = node.location
+        info = pyfuse3.FileInfo()
+        if not handle.writer:
+            handle.fd = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
+            older_open = any(n for e, n in node.cached.items() if e != node.epoch and n)
+            if older_open:
+                info.direct_io = True
+            else:
+                info.keep_cache = node.cached.get(node.epoch, 0) > 0
+                handle.epoch = node.epoch
+                node.cached[node.epoch] = node.cached.get(node.epoch, 0) + 1
+        else:
+            relpath = relpath or node.relpath()
+            info.direct_io = True
+            if self.store.rule(relpath).mode == "append":
+                handle.append = True
+                pass_flags = flags & (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC)
+                handle.fd = os.open(name, pass_flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            else:
+                if created_ino or flags & os.O_TRUNC:
+                    # Not dirty yet: a shell's `>` closes a duplicate of the fd before the
+                    # command writes, and that flush must not commit the empty file. A stage
+                    # nobody writes to is committed when the last writer releases it.
+                    async with node.commit_lock():
+                        if node.stage is None:
+                            node.stage = self.store.new_stage(relpath, created_ino)
+                        else:
+                            os.ftruncate(node.stage.fd, 0)
+                node.writers += 1
+        node.handles += 1
+        info.fh = self._fh(handle)
+        return info
+
+    async def _ensure_stage(self, node: Node, empty: bool = False) -> Stage:
+        """The node's staged copy, made from the committed content on first need. Call with the
+        node's commit lock held."""
+        if node.stage is not None:
+            return node.stage
+        relpath = node.relpath()
+        if empty:
+            node.stage = self.store.new_stage(relpath)
+            return node.stage
+        parent, name = node.location
+        src = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
+        try:
+            node.stage = await trio.to_thread.run_sync(self.store.stage_copy, src, relpath)
+        finally:
+            os.close(src)
+        return node.stage
+
+    @_errors
+    async def read(self, fh, off, size):
+        handle = self.handles[fh]
+        if isinstance(handle, VirtualHandle):
+            return os.pread(handle.fd, size, off)
+        node = handle.node
+        if handle.writer and not handle.append:
+            if node.stage is not None:
+                return os.pread(node.stage.fd, size, off)
+            if handle.fd is None:
+                parent, name = node.location
+                handle.fd = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
+        return os.pread(handle.fd, size, off)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        handle = self.handles[fh]
+        if isinstance(handle, VirtualHandle):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not handle.writer:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.append:
+            if handle.flags & os.O_APPEND:
+                return os.write(handle.fd, buf)
+            return os.pwrite(handle.fd, buf, off)
+        node = handle.node
+        async with node.commit_lock():
+            stage = await self._ensure_stage(node)
+            if handle.flags & os.O_APPEND:
+                off = os.fstat(stage.fd).st_size
+            written = os.pwrite(stage.fd, buf, off)
+        handle.dirty = True
+        return written
+
+    @_errors
+    async def flush(self, fh):
+        handle = self.handles.get(fh)
+        if isinstance(handle, Handle) and handle.writer and handle.dirty and not handle.append:
+            await self._commit(handle.node)
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        handle = self.handles[fh]
+        if isinstance(handle, Handle):
+            if handle.append:
+                await trio.to_thread.run_sync(os.fsync, handle.fd)
+            elif handle.node.stage is not None:
+                await trio.to_thread.run_sync(os.fsync, handle.node.stage.fd)
+
+    @_errors
+    async def release(self, fh):
+        handle = self.handles.pop(fh)
+        if isinstance(handle, VirtualHandle):
+            os.close(handle.fd)
+            handle.node.handles -= 1
+            self.inodes.maybe_free(handle.node)
+            return
+        node = handle.node
+        if handle.fd is not None:
+            os.close(handle.fd)
+        if handle.epoch is not None:
+            node.cached[handle.epoch] -= 1
+            if not node.cached[handle.epoch]:
+                del node.cached[handle.epoch]
+        try:
+            if handle.writer and not handle.append:
+                node.writers -= 1
+                if node.writers == 0 and node.stage is not None:
+                    # flush normally committed already; whatever is left must not be dropped.
+                    try:
+                        await self._commit(node)
+                    except (Rejected, OSError, pyfuse3.FUSEError):
+                        pass
+        finally:
+            node.handles -= 1
+            self.inodes.maybe_free(node)
+
+    async def _commit(self, node: Node) -> None:
+        """Commit the node's staged content (or quarantine it) and tell the kernel."""
+        async with node.commit_lock():
+            stage = node.stage
+            if stage is None:
+                return
+            node.stage = None
+            for h in self.handles.values():
+                if isinstance(h, Handle) and h.node is node:
+                    h.dirty = False
+            relpath = node.relpath()
+            if not node.links:
+                await trio.to_thread.run_sync(self.store.quarantine, stage, relpath, "file was deleted while it was being written")
+                return
+            parent, name = node.location
+            st = os.fstat(stage.fd)
+            try:
+                await trio.to_thread.run_sync(self.store.commit, stage, parent.fd, name, relpath)
+            except Rejected as e:
+                if e.placeholder_removed:
+                    self.inodes.remove_link(node, parent, name)
+                    pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
+                raise
+            self.inodes.rekey(node, (st.st_dev, st.st_ino))
+            node.epoch += 1
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.ino, False)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOSYS):
+                log.warning("could not invalidate the kernel cache of %s: %s", relpath, e)
+
+    async def commit_all(self) -> int:
+        """Commit (or quarantine) every staged file; used when unmounting. Returns how many."""
+        count = 0
+        for node in list(self.inodes.nodes()):
+            if node.stage is not None:
+                count += 1
+                try:
+                    await self._commit(node)
+                except Exception as e:  # noqa: BLE001 - a rejection is already quarantined and logged
+                    log.warning("at unmount, %s was not committed: %s", node.relpath(), e)
+        return count
+
+    def open_stages(self) -> int:
+        return sum(1 for node in self.inodes.nodes() if node.stage is not None)
+
+    # -- directories -----------------------------------------------------------------------
+
+    @_errors
+    async def opendir(self, inode, ctx):
+        node = self.inodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if isinstance(node, Node) and not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        node.handles += 1
+        return self._fh(DirHandle(node))
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        handle: DirHandle = self.handles[fh]
+        node = handle.node
+        if isinstance(node, VirtualNode):
+            if handle.entries is None or start_id == 0:
+                handle.entries = self.backups_view.listing(node)
+            for i in range(start_id, len(handle.entries)):
+                name = handle.entries[i]
+                try:
+                    vnode, st = self.backups_view.lookup(self.inodes, node, name)
+                except OSError:
+                    continue
+                if not pyfuse3.readdir_reply(token, name, self._entry(vnode.ino, st), i + 1):
+                    self.inodes.maybe_free(vnode)
+                    return
+                vnode.lookups += 1
+            return
+        if handle.entries is None or start_id == 0:
+            names = [os.fsencode(n) for n in os.listdir(node.fd)]
+            if node.ino == ROOT_INODE:
+                names = [n for n in names if n not in _RESERVED]
+                if self.options.show_virtual:
+                    names.append(BACKUPS_NAME.encode())
+            names.sort()
+            handle.entries = names
+        for i in range(start_id, len(handle.entries)):
+            name = handle.entries[i]
+            if node.ino == ROOT_INODE and name == BACKUPS_NAME.encode():
+                child, st = self.backups_view.root(self.inodes)
+            else:
+                try:
+                    st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
+                    child = self._known(node, name, st)
+                except (OSError, pyfuse3.FUSEError):
+                    continue  # removed since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, st), i + 1):
+                self.inodes.maybe_free(child)
+                return
+            child.lookups += 1
+
+    @_errors
+    async def releasedir(self, fh):
+        handle = self.handles.pop(fh)
+        handle.node.handles -= 1
+        self.inodes.maybe_free(handle.node)
+
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        handle = self.handles[fh]
+        if isinstance(handle.node, Node):
+            await trio.to_thread.run_sync(os.fsync, handle.node.fd)
+
+    # -- extended attributes (only with -o xattr) ------------------------------------------
+
+    def _xattr_path(self, inode: int) -> str:
+        if not self.options.xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        node = self._node(inode)
+        if node.fd is not None:
+            return f"/proc/self/fd/{node.fd}"
+        parent, name = node.location
+        return f"/proc/self/fd/{parent.fd}/{os.fsdecode(name)}"
+
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        if self._virtual(inode) is not None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return os.getxattr(self._xattr_path(inode), name, follow_symlinks=False)
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        if self._virtual(inode) is not None:
+            return []
+        return [os.fsencode(n) for n in os.listxattr(self._xattr_path(inode), follow_symlinks=False)]
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        if self._virtual(inode) is not None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        os.setxattr(self._xattr_path(inode), name, value, follow_symlinks=False)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        if self._virtual(inode) is not None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        os.removexattr(self._xattr_path(inode), name, follow_symlinks=False)
+
