@@ -14,7 +14,7 @@ import time
 
 import msgspec
 
-from fusestore.engine.paths import components, open_dir
+from fusestore.engine.paths import RENAME_NOREPLACE, clone_or_copy, components, open_dir, renameat2
 
 
 class Generation(msgspec.Struct, frozen=True):
@@ -50,21 +50,43 @@ class Backups:
         return open_dir(self.fd, [escape(p) for p in components(relpath)], create=create, mode=0o700)
 
     def keep(self, src_dir_fd: int, name: str | bytes, relpath: str) -> None:
-        """Hard-link the current file `name` in `src_dir_fd` as generation 1 of `relpath`.
+        """Keep the current file `name` in `src_dir_fd` as generation 1 of `relpath`.
 
-        The backup directory is fsynced before this returns, so the caller may then let the old
-        content lose its name: the backup is complete and durable first.
+        A file with one name is kept by hard link: no data is copied. A file with other hard
+        links is copied (a reflink where the filesystem can), so those names keep a true link
+        count. The backup directory is fsynced before this returns, so the caller may then let
+        the old content lose its name: the backup is complete and durable first.
         """
         dfd = self._dir(relpath, create=True)
         try:
             now = time.time_ns()
-            while True:
-                gen = f"%{now:020d}"
-                try:
-                    os.link(name, gen, src_dir_fd=src_dir_fd, dst_dir_fd=dfd, follow_symlinks=False)
-                    break
-                except FileExistsError:
-                    now += 1
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=src_dir_fd)
+            try:
+                shared = os.fstat(src).st_nlink > 1
+                tmp = None
+                if shared:
+                    tmp = f".copy-{now}"
+                    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                    try:
+                        clone_or_copy(src, out)
+                        st = os.fstat(src)
+                        os.fchmod(out, st.st_mode & 0o7777)
+                        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+                        os.fsync(out)
+                    finally:
+                        os.close(out)
+                while True:
+                    gen = f"%{now:020d}"
+                    try:
+                        if tmp is None:
+                            os.link(name, gen, src_dir_fd=src_dir_fd, dst_dir_fd=dfd, follow_symlinks=False)
+                        else:
+                            renameat2(dfd, tmp, dfd, gen, RENAME_NOREPLACE)
+                        break
+                    except FileExistsError:
+                        now += 1
+            finally:
+                os.close(src)
             os.fsync(dfd)
             self._rotate(dfd)
         finally:

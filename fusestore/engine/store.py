@@ -134,8 +134,11 @@ class Store:
 
     # -- commit ----------------------------------------------------------------------------
 
-    def commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str) -> None:
-        """Replace `name` in `dir_fd` by the staged content, or raise Rejected. Consumes `stage`."""
+    def commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str, keep_empty: bool = True) -> None:
+        """Replace `name` in `dir_fd` by the staged content, or raise Rejected. Consumes `stage`.
+
+        `keep_empty=False` says the current content, if empty, is only an intermediate state of
+        the same writer (a shell's `>` before the command wrote) and needs no backup."""
         rule = self.rule(relpath)
         reason = validate.check(rule.validate, stage.fd)
         if reason is not None:
@@ -149,12 +152,20 @@ class Store:
         if current is not None and not stat.S_ISREG(current.st_mode):
             self.quarantine(stage, relpath, "target is no longer a regular file")
             raise IsADirectoryError(f"{relpath} is no longer a regular file")
+        if (current is not None and current.st_ino == stage.created_ino and current.st_size == 0
+                and os.fstat(stage.fd).st_size == 0):
+            # A new empty file: its placeholder already is the content; make the name durable.
+            self.discard(stage)
+            os.fsync(dir_fd)
+            self.stats.commits += 1
+            return
         try:
             self._clear_own_xattrs(stage.fd)
             if current is not None:
                 self._carry_metadata(current, dir_fd, name, stage.fd)
             os.fsync(stage.fd)
-            placeholder = current is not None and current.st_size == 0 and current.st_ino == stage.created_ino
+            placeholder = current is not None and current.st_size == 0 and (
+                current.st_ino == stage.created_ino or not keep_empty)
             if current is not None and rule.backups and not placeholder:
                 self.backups.keep(dir_fd, name, relpath)
                 self.stats.backups_kept += 1

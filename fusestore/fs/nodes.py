@@ -1,16 +1,17 @@
-"""The inode table: fusestore's own inode numbers, independent of the backing st_ino.
+"""The inode table: fusestore's own inode numbers, one per name, independent of the backing st_ino.
 
 A commit renames a staged file over its target, which gives the path a new backing inode; the
-FUSE inode number must not change with it, so nodes are ours. A node is found by the backing
-(st_dev, st_ino) it currently stands for (so hard links share one node) and is re-keyed when a
-commit replaces its backing inode. Lookup counts follow the kernel exactly: every entry handed to
-the kernel adds one, `forget` takes them away, and a node is freed only when the kernel has
-forgotten it, no handle is open on it and (for a directory) no known child refers to it.
+FUSE inode number must not change with it, so nodes are ours and are found by (parent node,
+name). Hard links get one node per name: a FUSE open carries no name, and a commit must replace
+the file under the name it was written through while the other names keep the old content. The
+price is that hard links show different inode numbers through the mount (st_nlink is still the
+backing file's). Lookup counts follow the kernel exactly: every entry handed to the kernel adds
+one, `forget` takes them away, and a node is freed only when the kernel has forgotten it, no
+handle is open on it and (for a directory) no known child refers to it.
 
 Directories hold an O_RDONLY directory fd: every operation below them is an `*at()` call on that
 fd with O_NOFOLLOW, so renames in the backing tree cannot make us follow a path string into the
-wrong place. Other nodes are reached through one of their names (`links`), which stays correct
-when another hard link of the same file is removed.
+wrong place.
 """
 
 from __future__ import annotations
@@ -23,43 +24,42 @@ import trio
 from fusestore.engine.store import Stage
 
 ROOT_INODE = 1
-_MAX_LINKS = 16
 
 
 class Node:
     __slots__ = (
-        "ino", "is_dir", "key", "fd", "links", "lookups", "children", "handles",
-        "stage", "writers", "lock", "epoch", "cached", "__weakref__",
+        "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
+        "stage", "writers", "lock", "epoch", "cached", "intermediate",
     )
 
-    def __init__(self, ino: int, is_dir: bool, key: tuple[int, int], fd: int | None):
+    def __init__(self, ino: int, is_dir: bool, fd: int | None):
         self.ino = ino
         self.is_dir = is_dir
-        self.key = key
         self.fd = fd  # directories only
-        self.links: list[tuple[Node, bytes]] = []  # (parent, name); the last one is used
+        self.parent: Node | None = None  # None once the name is gone (unlinked, replaced)
+        self.name = b""
         self.lookups = 0
         self.children = 0
         self.handles = 0
         self.stage: Stage | None = None  # shared by every writer of this file
         self.writers = 0
         self.lock: trio.Lock | None = None
-        self.epoch = 0  # commits since the node was made; see Filesystem.open
+        self.epoch = 0  # commits since the node was made; see Filesystem._open
         self.cached: dict[int, int] = {}  # epoch -> open handles reading through the page cache
+        self.intermediate = False  # the committed content is an empty intermediate of a writer
 
     @property
     def location(self) -> tuple["Node", bytes]:
-        if not self.links:
-            raise FileNotFoundError("the file has no name left")
-        return self.links[-1]
+        if self.parent is None:
+            raise FileNotFoundError("the file has no name any more")
+        return self.parent, self.name
 
     def relpath(self) -> str:
         parts = []
         node = self
-        while node.links:
-            parent, name = node.links[-1]
-            parts.append(name)
-            node = parent
+        while node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
         return os.fsdecode(b"/".join(reversed(parts)))
 
     def commit_lock(self) -> trio.Lock:
@@ -83,12 +83,12 @@ class VirtualNode:
 
 
 class InodeTable:
-    def __init__(self, root_fd: int, root_key: tuple[int, int]):
+    def __init__(self, root_fd: int):
         self._next = ROOT_INODE + 1
-        self.root = Node(ROOT_INODE, True, root_key, root_fd)
+        self.root = Node(ROOT_INODE, True, root_fd)
         self.root.lookups = 1  # the kernel never forgets the root
         self.by_ino: dict[int, Node | VirtualNode] = {ROOT_INODE: self.root}
-        self.by_key: dict[tuple, Node] = {root_key: self.root}
+        self.by_name: dict[tuple[int, bytes], Node] = {}
         self.virtual: dict[tuple, VirtualNode] = {}
 
     def _ino(self) -> int:
@@ -96,22 +96,16 @@ class InodeTable:
         self._next += 1
         return ino
 
-    def __getitem__(self, ino: int) -> Node | VirtualNode:
-        return self.by_ino[ino]
-
     def get(self, ino: int) -> Node | VirtualNode | None:
         return self.by_ino.get(ino)
 
-    def find(self, key: tuple[int, int]) -> Node | None:
-        return self.by_key.get(key)
+    def find(self, parent: Node, name: bytes) -> Node | None:
+        return self.by_name.get((parent.ino, name))
 
-    def add(self, st: os.stat_result, fd: int | None, parent: Node, name: bytes) -> Node:
-        import stat as stat_mod
-
-        node = Node(self._ino(), stat_mod.S_ISDIR(st.st_mode), (st.st_dev, st.st_ino), fd)
+    def add(self, is_dir: bool, fd: int | None, parent: Node, name: bytes) -> Node:
+        node = Node(self._ino(), is_dir, fd)
         self.by_ino[node.ino] = node
-        self.by_key[node.key] = node
-        self.add_link(node, parent, name)
+        self.place(node, parent, name)
         return node
 
     def virtual_node(self, key: tuple, relpath: str, generation: int) -> VirtualNode:
@@ -124,39 +118,26 @@ class InodeTable:
 
     # -- names -----------------------------------------------------------------------------
 
-    def add_link(self, node: Node, parent: Node, name: bytes) -> None:
-        link = (parent, name)
-        if link in node.links:
-            node.links.remove(link)
-            node.links.append(link)
-            return
-        if node.is_dir:
-            # A directory has one name: a new one replaces the old.
-            for old_parent, _ in node.links:
-                self._drop_child(old_parent)
-            node.links.clear()
-        elif len(node.links) >= _MAX_LINKS:
-            old_parent, _ = node.links.pop(0)
-            self._drop_child(old_parent)
-        node.links.append(link)
+    def place(self, node: Node, parent: Node, name: bytes) -> None:
+        """Give `node` the name `name` in `parent`; a node already there loses its name."""
+        previous = self.by_name.get((parent.ino, name))
+        if previous is not None and previous is not node:
+            self.unplace(previous)
+        self.unplace(node)
+        node.parent, node.name = parent, name
+        self.by_name[(parent.ino, name)] = node
         parent.children += 1
 
-    def remove_link(self, node: Node, parent: Node, name: bytes) -> None:
-        try:
-            node.links.remove((parent, name))
-        except ValueError:
+    def unplace(self, node: Node) -> None:
+        """The node's name is gone (unlinked, renamed over, removed behind our back)."""
+        parent = node.parent
+        if parent is None:
             return
-        self._drop_child(parent)
-
-    def _drop_child(self, parent: Node) -> None:
+        if self.by_name.get((parent.ino, node.name)) is node:
+            del self.by_name[(parent.ino, node.name)]
+        node.parent = None
         parent.children -= 1
         self.maybe_free(parent)
-
-    def rekey(self, node: Node, key: tuple[int, int]) -> None:
-        if self.by_key.get(node.key) is node:
-            del self.by_key[node.key]
-        node.key = key
-        self.by_key[key] = node
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -177,14 +158,10 @@ class InodeTable:
         if node.children > 0 or node.stage is not None:
             return
         self.by_ino.pop(node.ino, None)
-        if self.by_key.get(node.key) is node:
-            del self.by_key[node.key]
         if node.fd is not None:
             os.close(node.fd)
             node.fd = None
-        links, node.links = node.links, []
-        for parent, _ in links:
-            self._drop_child(parent)
+        self.unplace(node)
 
     def nodes(self) -> Iterator[Node]:
         for node in list(self.by_ino.values()):

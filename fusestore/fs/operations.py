@@ -103,9 +103,7 @@ class Filesystem(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.options = options
-        root_st = os.fstat(store.root_fd)
-        root_fd = os.open(".", DIR_FLAGS, dir_fd=store.root_fd)
-        self.inodes = InodeTable(root_fd, (root_st.st_dev, root_st.st_ino))
+        self.inodes = InodeTable(os.open(".", DIR_FLAGS, dir_fd=store.root_fd))
         self.handles: dict[int, Handle | DirHandle | VirtualHandle] = {}
         self._next_fh = 1
         self.backups_view = BackupsView(store.backups)
@@ -169,22 +167,25 @@ class Filesystem(pyfuse3.Operations):
 
     def _known(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
         """The node for entry `name` of `parent` with stat `st`, made if new (no lookup added)."""
-        key = (st.st_dev, st.st_ino)
-        node = self.inodes.find(key)
+        node = self.inodes.find(parent, name)
+        is_dir = stat.S_ISDIR(st.st_mode)
         if node is not None:
-            if node.is_dir != stat.S_ISDIR(st.st_mode):
-                self.inodes.by_key.pop(key, None)  # inode number reused behind our back
-            else:
-                self.inodes.add_link(node, parent, name)
+            if node.is_dir == is_dir and (not is_dir or self._same_dir(node, st)):
                 return node
+            self.inodes.unplace(node)  # replaced behind our back: a new node for the new file
         fd = None
-        if stat.S_ISDIR(st.st_mode):
+        if is_dir:
             fd = os.open(name, DIR_FLAGS, dir_fd=parent.fd)
             st2 = os.fstat(fd)
-            if (st2.st_dev, st2.st_ino) != key:  # swapped while we looked
+            if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):  # swapped while we looked
                 os.close(fd)
                 raise pyfuse3.FUSEError(errno.EAGAIN)
-        return self.inodes.add(st, fd, parent, name)
+        return self.inodes.add(is_dir, fd, parent, name)
+
+    @staticmethod
+    def _same_dir(node: Node, st: os.stat_result) -> bool:
+        own = os.fstat(node.fd)
+        return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
 
     def _looked_up(self, node: Node | VirtualNode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         node.lookups += 1
@@ -205,6 +206,15 @@ class Filesystem(pyfuse3.Operations):
         base = parent.relpath()
         return f"{base}/{os.fsdecode(name)}" if base else os.fsdecode(name)
 
+    def _invalidate_attrs_later(self, ino: int) -> None:
+        async def invalidate():
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
+            except Exception:  # noqa: BLE001 - the inode may be gone already; the timeout covers it
+                pass
+
+        trio.lowlevel.spawn_system_task(invalidate)
+
     def _virtual(self, ino: int) -> VirtualNode | None:
         node = self.inodes.get(ino)
         return node if isinstance(node, VirtualNode) else None
@@ -221,7 +231,7 @@ class Filesystem(pyfuse3.Operations):
         if name == b".":
             return self._looked_up(parent, os.fstat(parent.fd))
         if name == b"..":
-            up = parent.links[-1][0] if parent.links else parent
+            up = parent.parent or parent
             return self._looked_up(up, os.fstat(up.fd))
         if parent.ino == ROOT_INODE:
             if name == STATE_NAME.encode() or name == CACHE_NAME.encode():
@@ -379,8 +389,10 @@ class Filesystem(pyfuse3.Operations):
         parent, name = node.location
         os.link(name, new_name, src_dir_fd=parent.fd, dst_dir_fd=new_parent.fd, follow_symlinks=False)
         st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
-        self.inodes.add_link(node, new_parent, new_name)
-        return self._looked_up(node, st)
+        # The source's link count changed; the kernel holds the source locked while we answer,
+        # so tell it from outside this request.
+        self._invalidate_attrs_later(node.ino)
+        return self._looked_up(self._known(new_parent, new_name, st), st)
 
     def _writable_dir(self, ino: int) -> Node:
         if self._virtual(ino) is not None:
@@ -397,9 +409,9 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         relpath = self._relpath(parent, name)
         await trio.to_thread.run_sync(self._unlink_keeping_backup, parent.fd, name, relpath)
-        node = self.inodes.find((st.st_dev, st.st_ino))
+        node = self.inodes.find(parent, name)
         if node is not None:
-            self.inodes.remove_link(node, parent, name)
+            self.inodes.unplace(node)
 
     def _unlink_keeping_backup(self, dir_fd: int, name: bytes, relpath: str) -> None:
         self.store.keep_backup(dir_fd, name, relpath)
@@ -412,9 +424,9 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         os.rmdir(name, dir_fd=parent.fd)
-        node = self.inodes.find((st.st_dev, st.st_ino))
+        node = self.inodes.find(parent, name)
         if node is not None:
-            self.inodes.remove_link(node, parent, name)
+            self.inodes.unplace(node)
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -423,15 +435,15 @@ class Filesystem(pyfuse3.Operations):
         for parent, name in ((old_parent, name_old), (new_parent, name_new)):
             if parent.ino == ROOT_INODE and name in _RESERVED:
                 raise pyfuse3.FUSEError(errno.EPERM)
-        src_st = os.stat(name_old, dir_fd=old_parent.fd, follow_symlinks=False)
-        src = self.inodes.find((src_st.st_dev, src_st.st_ino))
+        os.stat(name_old, dir_fd=old_parent.fd, follow_symlinks=False)
+        src = self.inodes.find(old_parent, name_old)
         if src is not None and src.stage is not None:
             await self._commit(src)  # a file renamed while still being written: commit first
         try:
             dst_st = os.stat(name_new, dir_fd=new_parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             dst_st = None
-        dst = self.inodes.find((dst_st.st_dev, dst_st.st_ino)) if dst_st is not None else None
+        dst = self.inodes.find(new_parent, name_new) if dst_st is not None else None
         if dst is not None and dst is not src and dst.stage is not None and flags & RENAME_EXCHANGE:
             await self._commit(dst)
         src_rel = self._relpath(old_parent, name_old)
@@ -439,13 +451,12 @@ class Filesystem(pyfuse3.Operations):
         await trio.to_thread.run_sync(
             self._rename, old_parent.fd, name_old, new_parent.fd, name_new, flags, src_rel, dst_rel, dst_st is not None
         )
+        if dst is not None:
+            self.inodes.unplace(dst)
         if src is not None:
-            self.inodes.remove_link(src, old_parent, name_old)
-            self.inodes.add_link(src, new_parent, name_new)
-        if dst is not None and dst is not src:
-            self.inodes.remove_link(dst, new_parent, name_new)
-            if flags & RENAME_EXCHANGE:
-                self.inodes.add_link(dst, old_parent, name_old)
+            self.inodes.place(src, new_parent, name_new)
+        if dst is not None and flags & RENAME_EXCHANGE:
+            self.inodes.place(dst, old_parent, name_old)
 
     def _rename(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_exists) -> None:
         # Content that may not stand under its new name is refused before anything moves.
@@ -598,8 +609,20 @@ class Filesystem(pyfuse3.Operations):
     @_errors
     async def flush(self, fh):
         handle = self.handles.get(fh)
-        if isinstance(handle, Handle) and handle.writer and handle.dirty and not handle.append:
-            await self._commit(handle.node)
+        if not isinstance(handle, Handle) or not handle.writer or handle.append:
+            return
+        node = handle.node
+        if handle.dirty:
+            await self._commit(node)
+        elif node.stage is not None and node.parent is not None:
+            # Created or truncated but not written: empty content is final only if the rule
+            # accepts it; for a JSON file the real content is still coming through another fd
+            # (a shell's `>`), so wait for the last release.
+            if self.store.rule(node.relpath()).validate == "none":
+                await self._commit(node)
+                # If the writer goes on, this empty content was only an intermediate state:
+                # the next commit need not keep it as a backup generation.
+                node.intermediate = True
 
     @_errors
     async def fsync(self, fh, datasync):
@@ -645,23 +668,22 @@ class Filesystem(pyfuse3.Operations):
             if stage is None:
                 return
             node.stage = None
+            keep_empty, node.intermediate = not node.intermediate, False
             for h in self.handles.values():
                 if isinstance(h, Handle) and h.node is node:
                     h.dirty = False
             relpath = node.relpath()
-            if not node.links:
+            if node.parent is None:
                 await trio.to_thread.run_sync(self.store.quarantine, stage, relpath, "file was deleted while it was being written")
                 return
             parent, name = node.location
-            st = os.fstat(stage.fd)
             try:
-                await trio.to_thread.run_sync(self.store.commit, stage, parent.fd, name, relpath)
+                await trio.to_thread.run_sync(self.store.commit, stage, parent.fd, name, relpath, keep_empty)
             except Rejected as e:
                 if e.placeholder_removed:
-                    self.inodes.remove_link(node, parent, name)
+                    self.inodes.unplace(node)
                     pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
                 raise
-            self.inodes.rekey(node, (st.st_dev, st.st_ino))
             node.epoch += 1
         try:
             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.ino, False)

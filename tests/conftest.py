@@ -1,0 +1,157 @@
+"""Fixtures: a real fusestore mount over a temporary backing tree, served by a daemon in its own
+process (so a crash cannot hang pytest) and always unmounted in teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FUSESTORE = [sys.executable, "-m", "fusestore"]
+
+
+def fusestore(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run([*FUSESTORE, *args], capture_output=True, text=True, timeout=60, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"fusestore {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    for flags in ("-u", "-uz"):
+        if not is_mounted(path):
+            return
+        subprocess.run(["fusermount3", flags, str(path)], capture_output=True, timeout=30)
+        time.sleep(0.05)
+
+
+class Mount:
+    def __init__(self, backing: Path, mnt: Path, options: list[str] | None = None):
+        self.backing = backing
+        self.mnt = mnt
+        self.options = options or []
+        self.pid: int | None = None
+
+    @property
+    def state(self) -> Path:
+        return self.backing / ".fusestore"
+
+    @property
+    def quarantine(self) -> list[Path]:
+        return sorted(p for p in (self.state / "quarantine").iterdir() if not p.name.endswith(".reason"))
+
+    def start(self) -> None:
+        args = ["mount", str(self.backing), str(self.mnt)]
+        for opt in self.options:
+            args += ["-o", opt]
+        fusestore(*args)
+        self.pid = int((self.state / "lock").read_text().strip())
+
+    def stop(self) -> None:
+        if is_mounted(self.mnt):
+            fusestore("unmount", str(self.mnt), check=False)
+        self.kill_leftovers()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, as a crash would, and clear the dead mount."""
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_pid_gone(self.pid)
+        force_unmount(self.mnt)
+
+    def kill_leftovers(self) -> None:
+        if self.pid and os.path.exists(f"/proc/{self.pid}"):
+            os.kill(self.pid, signal.SIGKILL)
+            _wait_pid_gone(self.pid)
+        force_unmount(self.mnt)
+
+    def status(self) -> dict:
+        return json.loads(fusestore("status", str(self.mnt), "--json").stdout)
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.mnt / rel
+
+
+def _wait_pid_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            # Reap it if it is our child; otherwise just wait for /proc to let go.
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    backing = tmp_path / "backing"
+    mnt = tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    return backing, mnt
+
+
+@pytest.fixture
+def make_mount(tree):
+    mounts: list[Mount] = []
+
+    def make(options: list[str] | None = None, start: bool = True) -> Mount:
+        m = Mount(tree[0], tree[1], options)
+        mounts.append(m)
+        if start:
+            m.start()
+        return m
+
+    yield make
+    for m in mounts:
+        try:
+            m.stop()
+        finally:
+            m.kill_leftovers()
+
+
+@pytest.fixture
+def mount(make_mount) -> Mount:
+    return make_mount()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    """Poll `predicate` until it holds; for effects the kernel delivers after a syscall returns."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def close_error(path: Path, data: bytes, mode: str = "wb") -> OSError | None:
+    """Write `data` to `path` and return the error close() raised, if any."""
+    f = open(path, mode)
+    f.write(data)
+    try:
+        f.close()
+    except OSError as e:
+        return e
+    return None

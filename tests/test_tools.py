@@ -1,0 +1,177 @@
+"""Unmodified programs writing through a real mount: the content and the backups they leave."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+
+from conftest import wait_for, write_json
+
+
+def sh(cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60, **kw)
+
+
+def backups_of(m, rel: str) -> list[bytes]:
+    d = m.mnt / ".backups" / rel
+    return [(d / str(n)).read_bytes() for n in range(1, 10) if (d / str(n)).exists()]
+
+
+def test_shell_redirection_commits_and_keeps_the_old_content_as_generation_1(mount):
+    assert sh(f"echo '{{\"v\": 1}}' > {mount / 'a.json'}").returncode == 0
+    assert sh(f"echo '{{\"v\": 2}}' > {mount / 'a.json'}").returncode == 0
+    assert json.loads((mount / "a.json").read_text()) == {"v": 2}
+    assert json.loads((mount.backing / "a.json").read_text()) == {"v": 2}
+    assert backups_of(mount, "a.json") == [b'{"v": 1}\n']
+
+
+def test_shell_append_to_plain_file_is_staged_and_committed(mount):
+    sh(f"echo one > {mount / 'notes.txt'}")
+    sh(f"echo two >> {mount / 'notes.txt'}")
+    assert (mount / "notes.txt").read_text() == "one\ntwo\n"
+    assert backups_of(mount, "notes.txt") == [b"one\n"]
+
+
+def test_log_files_are_appended_through_without_backups(mount):
+    (mount / "logs").mkdir()
+    for line in ("a", "b", "c"):
+        sh(f"echo {line} >> {mount / 'logs/pipeline.log'}")
+    assert (mount / "logs/pipeline.log").read_text() == "a\nb\nc\n"
+    assert backups_of(mount, "logs/pipeline.log") == []
+
+
+def test_cp_mv_and_backups_of_replaced_targets(mount, tmp_path):
+    src = tmp_path / "src.json"
+    src.write_text('{"x": 1}')
+    assert sh(f"cp {src} {mount / 'c.json'}").returncode == 0
+    src.write_text('{"x": 2}')
+    assert sh(f"cp {src} {mount / 'c.json'}").returncode == 0
+    assert (mount / "c.json").read_text() == '{"x": 2}'
+    assert backups_of(mount, "c.json") == [b'{"x": 1}']
+    write_json(mount / "d.json", {"d": True})
+    assert sh(f"mv {mount / 'd.json'} {mount / 'c.json'}").returncode == 0
+    assert json.loads((mount / "c.json").read_text()) == {"d": True}
+    assert not (mount / "d.json").exists()
+    assert backups_of(mount, "c.json")[0] == b'{"x": 2}'
+
+
+def test_sed_in_place_keeps_a_backup(mount):
+    write_json(mount / "s.json", {"title": "old"})
+    assert sh(f"sed -i 's/old/new/' {mount / 's.json'}").returncode == 0
+    assert json.loads((mount / "s.json").read_text()) == {"title": "new"}
+    assert json.loads(backups_of(mount, "s.json")[0]) == {"title": "old"}
+
+
+def test_python_json_dump_rotates_three_generations(mount):
+    for v in range(6):
+        write_json(mount / "doc.json", {"v": v})
+    assert json.loads((mount / "doc.json").read_text()) == {"v": 5}
+    assert [json.loads(b)["v"] for b in backups_of(mount, "doc.json")] == [4, 3, 2]
+
+
+def test_python_client_json_dump_in_subprocess(mount):
+    code = f"import json; json.dump({{'ok': 1}}, open({str(mount / 'p.json')!r}, 'w'))"
+    assert subprocess.run(["python3", "-c", code], timeout=30).returncode == 0
+    assert json.loads((mount / "p.json").read_text()) == {"ok": 1}
+
+
+def test_rsync_into_and_out_of_the_mount(mount, tmp_path):
+    src = tmp_path / "src"
+    (src / "topics").mkdir(parents=True)
+    write_json(src / "metadata.json", {"projectId": "p"})
+    write_json(src / "topics/discovered.json", [1, 2, 3])
+    (src / "video.bin").write_bytes(os.urandom(300_000))
+    r = sh(f"rsync -a {src}/ {mount.mnt}/proj/")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    r = sh(f"rsync -a {mount.mnt}/proj/ {out}/")
+    assert r.returncode == 0, r.stderr
+    for rel in ("metadata.json", "topics/discovered.json", "video.bin"):
+        assert (out / rel).read_bytes() == (src / rel).read_bytes()
+    # A second rsync of changed content replaces through rename and keeps a backup.
+    write_json(src / "metadata.json", {"projectId": "p", "status": "done"})
+    assert sh(f"rsync -a {src}/ {mount.mnt}/proj/").returncode == 0
+    assert json.loads(backups_of(mount, "proj/metadata.json")[0]) == {"projectId": "p"}
+
+
+def test_tar_extracts_into_the_mount(mount, tmp_path):
+    src = tmp_path / "t"
+    (src / "scripts").mkdir(parents=True)
+    write_json(src / "scripts/s1.json", {"segments": []})
+    (src / "scripts/readme.txt").write_text("hello")
+    os.chmod(src / "scripts/readme.txt", 0o640)
+    archive = tmp_path / "t.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(src, arcname="proj")
+    r = sh(f"tar -xf {archive} -C {mount.mnt}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((mount / "proj/scripts/s1.json").read_text()) == {"segments": []}
+    assert (mount / "proj/scripts/readme.txt").read_text() == "hello"
+    assert oct((mount / "proj/scripts/readme.txt").stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_dd_writes_in_place_without_truncating(mount):
+    (mount / "blob.bin").write_bytes(b"A" * 10000)
+    r = sh(f"dd if=/dev/zero of={mount / 'blob.bin'} bs=100 count=1 seek=5 conv=notrunc status=none")
+    assert r.returncode == 0, r.stderr
+    data = (mount / "blob.bin").read_bytes()
+    assert data == b"A" * 500 + b"\0" * 100 + b"A" * 9400
+    assert backups_of(mount, "blob.bin") == [b"A" * 10000]
+
+
+def test_truncate_commits_and_refuses_to_empty_a_json_file(mount):
+    (mount / "t.bin").write_bytes(b"x" * 1000)
+    assert sh(f"truncate -s 10 {mount / 't.bin'}").returncode == 0
+    assert (mount / "t.bin").read_bytes() == b"x" * 10
+    assert sh(f"truncate -s 20 {mount / 't.bin'}").returncode == 0
+    assert (mount / "t.bin").read_bytes() == b"x" * 10 + b"\0" * 10
+    write_json(mount / "keep.json", {"k": 1})
+    r = sh(f"truncate -s 0 {mount / 'keep.json'}")
+    assert r.returncode != 0 and "Bad message" in r.stderr
+    assert json.loads((mount / "keep.json").read_text()) == {"k": 1}
+
+
+def test_ln_hard_and_symbolic(mount):
+    write_json(mount / "orig.json", {"o": 1})
+    assert sh(f"ln {mount / 'orig.json'} {mount / 'hard.json'}").returncode == 0
+    assert (mount / "hard.json").stat().st_nlink == 2
+    assert (mount / "orig.json").stat().st_nlink == 2
+    assert sh(f"ln -s orig.json {mount / 'soft.json'}").returncode == 0
+    assert os.readlink(mount / "soft.json") == "orig.json"
+    assert json.loads((mount / "soft.json").read_text()) == {"o": 1}
+    # ln a b; rm a; the other name still works (how git and some tools rename).
+    assert sh(f"rm {mount / 'orig.json'}").returncode == 0
+    assert json.loads((mount / "hard.json").read_text()) == {"o": 1}
+    assert (mount / "hard.json").stat().st_nlink == 1
+
+
+def test_commit_replaces_only_the_name_written_through(mount):
+    (mount / "a.txt").write_text("old")
+    os.link(mount / "a.txt", mount / "b.txt")
+    (mount / "a.txt").write_text("new")
+    assert (mount / "a.txt").read_text() == "new"
+    assert (mount / "b.txt").read_text() == "old"
+
+
+def test_chmod_touch_find(mount):
+    (mount / "d/e").mkdir(parents=True)
+    write_json(mount / "d/e/f.json", {})
+    assert sh(f"chmod 600 {mount / 'd/e/f.json'}").returncode == 0
+    assert (mount / "d/e/f.json").stat().st_mode & 0o777 == 0o600
+    write_json(mount / "d/e/f.json", {"again": 1})
+    assert (mount / "d/e/f.json").stat().st_mode & 0o777 == 0o600, "mode carries over a commit"
+    assert sh(f"touch -d '2020-01-02 03:04:05' {mount / 'd/e/f.json'}").returncode == 0
+    assert int((mount / "d/e/f.json").stat().st_mtime) == int((mount.backing / "d/e/f.json").stat().st_mtime)
+    assert sh(f"touch {mount / 'd/new.txt'}").returncode == 0
+    r = sh(f"cd {mount.mnt} && find . | sort")
+    assert r.stdout.split() == [".", "./d", "./d/e", "./d/e/f.json", "./d/new.txt"]
+
+
+def test_touch_of_a_new_json_file_is_refused_and_leaves_nothing(mount):
+    sh(f"touch {mount / 'empty.json'}")
+    # The kernel releases a file after close() returns; the refusal comes with that release.
+    assert wait_for(lambda: not (mount / "empty.json").exists())
+    assert not (mount.backing / "empty.json").exists()
+    assert any("empty.json" in r["path"] for r in mount.status()["recent_rejections"])
