@@ -140,10 +140,19 @@ def cmd_mount(args) -> int:
     raise CommandError("the mount did not answer within 30 seconds")
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie waiting for its parent to reap it counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def _wait_gone(pid: int, mountpoint: str, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = pid > 0 and os.path.exists(f"/proc/{pid}")
+        alive = pid > 0 and process_alive(pid)
         if not alive and not any(m == mountpoint for m, _ in fusestore_mounts()):
             return True
         time.sleep(0.05)

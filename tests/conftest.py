@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fusestore.cli import process_alive
+
 FUSESTORE = [sys.executable, "-m", "fusestore"]
 
 
@@ -75,7 +77,7 @@ class Mount:
         force_unmount(self.mnt)
 
     def kill_leftovers(self) -> None:
-        if self.pid and os.path.exists(f"/proc/{self.pid}"):
+        if self.pid and process_alive(self.pid):
             os.kill(self.pid, signal.SIGKILL)
             _wait_pid_gone(self.pid)
         force_unmount(self.mnt)
@@ -89,7 +91,7 @@ class Mount:
 
 def _wait_pid_gone(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         try:
             # Reap it if it is our child; otherwise just wait for /proc to let go.
             os.waitpid(pid, os.WNOHANG)

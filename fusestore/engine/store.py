@@ -22,6 +22,7 @@ import logging
 import os
 import stat
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 
 import msgspec
@@ -34,9 +35,7 @@ from fusestore.engine.state import StateDir
 
 log = logging.getLogger("fusestore")
 
-XATTR_PATH = "user.fusestore.path"
-XATTR_CREATED = "user.fusestore.created"
-_OWN_XATTRS = (XATTR_PATH, XATTR_CREATED)
+_PATH_SUFFIX = ".path"
 _STAGE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -100,21 +99,35 @@ class Store:
 
     def new_stage(self, relpath: str, created_ino: int = 0) -> Stage:
         """An empty staged file for `relpath`. `created_ino` names the empty placeholder that an
-        open with O_CREAT put in the tree, so recovery can remove it if the write never commits."""
+        open with O_CREAT put in the tree, so recovery can remove it if the write never commits.
+
+        Both are written into the staged file's name (recovery reads them back from there), so
+        nothing about them can end up on the committed file; a path too long for a name goes
+        into a `.path` file beside it."""
+        quoted = urllib.parse.quote(relpath, safe="", errors="surrogateescape")
         while True:
-            name = f"{time.time_ns()}-{os.getpid()}-{next(self._names)}"
+            prefix = f"{time.time_ns()}-{os.getpid()}-{next(self._names)}.{created_ino}."
+            long_path = len(prefix) + len(quoted) > 250
+            name = prefix + ("@" if long_path else quoted)
             try:
                 fd = os.open(name, _STAGE_FLAGS, 0o600, dir_fd=self.state.staging_fd)
                 break
             except FileExistsError:
                 continue
-        try:
-            os.setxattr(fd, XATTR_PATH, relpath.encode())
-            if created_ino:
-                os.setxattr(fd, XATTR_CREATED, str(created_ino).encode())
-        except OSError:
-            pass  # no user xattrs here: recovery then quarantines the bytes without their path
+        if long_path:
+            side = os.open(name + _PATH_SUFFIX, _STAGE_FLAGS, 0o600, dir_fd=self.state.staging_fd)
+            try:
+                os.write(side, relpath.encode("utf-8", "surrogateescape"))
+            finally:
+                os.close(side)
         return Stage(fd, name, relpath, created_ino)
+
+    def _forget_stage_name(self, name: str) -> None:
+        if name.endswith(".@"):
+            try:
+                os.unlink(name + _PATH_SUFFIX, dir_fd=self.state.staging_fd)
+            except FileNotFoundError:
+                pass
 
     def stage_copy(self, src_fd: int, relpath: str) -> Stage:
         stage = self.new_stage(relpath)
@@ -130,6 +143,7 @@ class Store:
             os.unlink(stage.name, dir_fd=self.state.staging_fd)
         except FileNotFoundError:
             pass
+        self._forget_stage_name(stage.name)
         os.close(stage.fd)
 
     # -- commit ----------------------------------------------------------------------------
@@ -160,7 +174,6 @@ class Store:
             self.stats.commits += 1
             return
         try:
-            self._clear_own_xattrs(stage.fd)
             if current is not None:
                 self._carry_metadata(current, dir_fd, name, stage.fd)
             os.fsync(stage.fd)
@@ -170,6 +183,7 @@ class Store:
                 self.backups.keep(dir_fd, name, relpath)
                 self.stats.backups_kept += 1
             os.rename(stage.name, name, src_dir_fd=self.state.staging_fd, dst_dir_fd=dir_fd)
+            self._forget_stage_name(stage.name)
         except BaseException as e:
             if isinstance(e, OSError):
                 self.quarantine(stage, relpath, f"commit failed: {e.strerror or e}")
@@ -199,6 +213,7 @@ class Store:
                 break
             except FileExistsError:
                 continue
+        self._forget_stage_name(stage.name)
         os.close(stage.fd)
         self._write_reason(name, relpath, reason)
         self.stats.quarantined += 1
@@ -217,13 +232,6 @@ class Store:
         finally:
             os.close(fd)
 
-    def _clear_own_xattrs(self, fd: int) -> None:
-        for attr in _OWN_XATTRS:
-            try:
-                os.removexattr(fd, attr)
-            except OSError:
-                pass
-
     def _carry_metadata(self, current: os.stat_result, dir_fd: int, name: str | bytes, fd: int) -> None:
         os.fchmod(fd, stat.S_IMODE(current.st_mode))
         if os.geteuid() == 0:
@@ -236,8 +244,6 @@ class Store:
         except OSError:
             return
         for attr in attrs:
-            if attr in _OWN_XATTRS:
-                continue
             try:
                 os.setxattr(fd, attr, os.getxattr(path, attr, follow_symlinks=False))
             except OSError as e:
@@ -303,24 +309,34 @@ class Store:
         """Move staged files left by a crash to the quarantine and remove the empty placeholders
         of files whose first write never committed. Returns (path, quarantine name) pairs."""
         found = []
-        for name in os.listdir(self.state.staging_fd):
+        for name in sorted(os.listdir(self.state.staging_fd)):
+            if name.endswith(_PATH_SUFFIX):
+                continue
             try:
                 fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.state.staging_fd)
             except OSError:
                 continue
-            relpath, created = "", 0
-            try:
-                relpath = os.getxattr(fd, XATTR_PATH).decode(errors="replace")
-                created = int(os.getxattr(fd, XATTR_CREATED))
-            except (OSError, ValueError):
-                pass
-            stage = Stage(fd, name, relpath or "unknown", created)
-            if created and relpath:
+            relpath, created = self._parse_stage_name(name)
+            stage = Stage(fd, name, relpath, created)
+            if created and relpath != "unknown":
                 self._remove_placeholder(relpath, created)
-            quarantined = self.quarantine(stage, stage.relpath, "left by a write that never committed (daemon stopped)")
-            found.append((stage.relpath, quarantined))
-            log.warning("recovered staged data of %s into the quarantine as %s", stage.relpath, quarantined)
+            quarantined = self.quarantine(stage, relpath, "left by a write that never committed (daemon stopped)")
+            found.append((relpath, quarantined))
+            log.warning("recovered staged data of %s into the quarantine as %s", relpath, quarantined)
+        for name in os.listdir(self.state.staging_fd):  # .path files whose stage is gone
+            if name.endswith(_PATH_SUFFIX):
+                os.unlink(name, dir_fd=self.state.staging_fd)
         return found
+
+    def _parse_stage_name(self, name: str) -> tuple[str, int]:
+        try:
+            _, created, quoted = name.split(".", 2)
+            if quoted == "@":
+                with open(os.open(name + _PATH_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.staging_fd), "rb") as f:
+                    return os.fsdecode(f.read()), int(created)
+            return urllib.parse.unquote(quoted, errors="surrogateescape"), int(created)
+        except (ValueError, OSError):
+            return "unknown", 0
 
     def _remove_placeholder(self, relpath: str, ino: int) -> None:
         try:

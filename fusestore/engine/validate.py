@@ -72,6 +72,8 @@ def json_error(data) -> str | None:
         text = _BYTE_AT.sub("", text).replace("JSON is malformed: ", "").strip()
         if text == "Input data was truncated":
             text = "unexpected end of document (truncated)"
+        elif text == "trailing characters" and found:
+            offset -= 1  # msgspec points one past the first trailing byte
         return _at(data, offset, text)
     except RecursionError:
         return "line 1, column 1: nesting too deep"

@@ -29,7 +29,7 @@ ROOT_INODE = 1
 class Node:
     __slots__ = (
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
-        "stage", "writers", "lock", "epoch", "cached", "intermediate",
+        "stage", "writers", "lock", "intermediate",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -44,8 +44,6 @@ class Node:
         self.stage: Stage | None = None  # shared by every writer of this file
         self.writers = 0
         self.lock: trio.Lock | None = None
-        self.epoch = 0  # commits since the node was made; see Filesystem._open
-        self.cached: dict[int, int] = {}  # epoch -> open handles reading through the page cache
         self.intermediate = False  # the committed content is an empty intermediate of a writer
 
     @property

@@ -4,11 +4,12 @@ the store, and nothing else.
 Every handler goes through `_errors`: an OSError becomes its errno, a rejection becomes EBADMSG,
 anything unexpected becomes EIO with a logged traceback, so no exception ever ends the daemon.
 
-Readers and writers of one file never share kernel page-cache pages that disagree:
-- writers always get direct I/O, so uncommitted bytes never enter the page cache;
-- a commit bumps the node's epoch and invalidates the kernel's data and attributes;
-- a reader opened while a reader of an older epoch is still open gets direct I/O, so the old
-  reader's page-cache fills (old content) can never be mixed into its view.
+Every open file gets direct I/O. The kernel keeps one size and one page cache per inode, while
+fusestore serves several versions of a file at once (the writer's staged copy, the committed
+file, and the old file a reader opened before a commit). With direct I/O each handle reads its
+own version from its own fd and uncommitted bytes never enter the page cache; a commit then
+invalidates the kernel's attributes (and pages of MAP_PRIVATE mappings). Shared mmap is
+therefore not available (ENODEV); private mappings and exec work.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 class Handle:
-    __slots__ = ("node", "flags", "fd", "writer", "append", "dirty", "epoch")
+    __slots__ = ("node", "flags", "fd", "writer", "append", "dirty")
 
     def __init__(self, node: Node, flags: int):
         self.node = node
@@ -67,7 +68,6 @@ class Handle:
         self.writer = (flags & os.O_ACCMODE) != os.O_RDONLY
         self.append = False  # append-through: writes go straight to the backing file
         self.dirty = False
-        self.epoch: int | None = None  # set when the handle reads through the page cache
 
 
 class DirHandle:
@@ -524,18 +524,14 @@ class Filesystem(pyfuse3.Operations):
         handle = Handle(node, flags)
         parent, name = node.location
         info = pyfuse3.FileInfo()
+        # Direct I/O for every open: the kernel keeps one size and one page cache per inode, so
+        # a reader that opened before a commit would otherwise be cut to the new size or served
+        # pages of the new content. Each handle reads its own version from its own fd.
+        info.direct_io = True
         if not handle.writer:
             handle.fd = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
-            older_open = any(n for e, n in node.cached.items() if e != node.epoch and n)
-            if older_open:
-                info.direct_io = True
-            else:
-                info.keep_cache = node.cached.get(node.epoch, 0) > 0
-                handle.epoch = node.epoch
-                node.cached[node.epoch] = node.cached.get(node.epoch, 0) + 1
         else:
             relpath = relpath or node.relpath()
-            info.direct_io = True
             if self.store.rule(relpath).mode == "append":
                 handle.append = True
                 pass_flags = flags & (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC)
@@ -644,10 +640,6 @@ class Filesystem(pyfuse3.Operations):
         node = handle.node
         if handle.fd is not None:
             os.close(handle.fd)
-        if handle.epoch is not None:
-            node.cached[handle.epoch] -= 1
-            if not node.cached[handle.epoch]:
-                del node.cached[handle.epoch]
         try:
             if handle.writer and not handle.append:
                 node.writers -= 1
@@ -684,7 +676,6 @@ class Filesystem(pyfuse3.Operations):
                     self.inodes.unplace(node)
                     pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
                 raise
-            node.epoch += 1
         try:
             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.ino, False)
         except OSError as e:
