@@ -70,7 +70,10 @@ def locate(path: str) -> tuple[str, str, str | None]:
     found = mount_of(parent)
     if found:
         mountpoint, backing = found
-        return backing, os.path.relpath(full, mountpoint), mountpoint
+        rel = os.path.relpath(full, mountpoint)
+        if rel == "." or rel.startswith(".backups/") or rel.startswith(STATE_NAME):
+            raise CommandError(f"{path} is not a file of the tree")
+        return backing, rel, mountpoint
     probe = parent
     while True:
         if os.path.isdir(os.path.join(probe, STATE_NAME)):
@@ -296,7 +299,7 @@ def cmd_restore(args) -> int:
 
 def _copy_through_mount(src: int, target: str, relpath: str) -> None:
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         raise CommandError(f"cannot write {target}: {e.strerror}") from None
     try:

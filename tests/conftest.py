@@ -102,6 +102,11 @@ def _wait_pid_gone(pid: int, timeout: float = 10) -> None:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> tuple[Path, Path]:
+    # pytest's tmp_path is private to root; tests that act as another user need to traverse it.
+    for d in (tmp_path, *tmp_path.parents):
+        if d == Path("/tmp") or d == Path("/"):
+            break
+        os.chmod(d, os.stat(d).st_mode | 0o711)
     backing = tmp_path / "backing"
     mnt = tmp_path / "mnt"
     backing.mkdir()

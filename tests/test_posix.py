@@ -1,0 +1,220 @@
+"""Everything else behaves like the backing filesystem."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+
+import pytest
+
+from conftest import write_json
+
+
+def test_inode_number_is_stable_across_commits(mount):
+    write_json(mount / "a.json", {"v": 1})
+    ino = os.stat(mount / "a.json").st_ino
+    backing_ino = os.stat(mount.backing / "a.json").st_ino
+    write_json(mount / "a.json", {"v": 2})
+    assert os.stat(mount.backing / "a.json").st_ino != backing_ino, "the commit renamed a new file in"
+    assert os.stat(mount / "a.json").st_ino == ino
+
+
+def test_mkdir_rmdir_and_modes(mount):
+    os.mkdir(mount / "d", 0o750)
+    assert stat.S_IMODE(os.stat(mount / "d").st_mode) == 0o750 & ~_umask()
+    assert stat.S_ISDIR(os.stat(mount.backing / "d").st_mode)
+    assert _errno(os.rmdir, mount / "nope") == errno.ENOENT
+    (mount / "d/f").write_text("x")
+    assert _errno(os.rmdir, mount / "d") == errno.ENOTEMPTY
+    os.unlink(mount / "d/f")
+    os.rmdir(mount / "d")
+    assert not (mount.backing / "d").exists()
+
+
+def test_new_file_gets_requested_mode(mount):
+    fd = os.open(mount / "m.txt", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, b"x")
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(mount / "m.txt").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(mount.backing / "m.txt").st_mode) == 0o600
+
+
+def test_new_files_belong_to_the_caller(make_mount):
+    mount = make_mount(["allow_other"])
+    (mount / "shared").mkdir()
+    os.chmod(mount / "shared", 0o777)
+    r = subprocess.run(["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups",
+                        "bash", "-c", f"echo hi > {mount / 'shared/u.txt'} && mkdir {mount / 'shared/ud'}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("u.txt", "ud"):
+        st = os.stat(mount.backing / "shared" / name)
+        assert (st.st_uid, st.st_gid) == (1234, 1234)
+    # A commit keeps the owner.
+    r = subprocess.run(["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups",
+                        "bash", "-c", f"echo again > {mount / 'shared/u.txt'}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.stat(mount.backing / "shared/u.txt").st_uid == 1234
+
+
+def test_rename_flags(mount):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def renameat2(a, b, flags):
+        if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), flags) != 0:
+            return ctypes.get_errno()
+        return 0
+
+    (mount / "a").write_text("A")
+    (mount / "b").write_text("B")
+    assert renameat2(mount / "a", mount / "b", 1) == errno.EEXIST  # RENAME_NOREPLACE
+    assert renameat2(mount / "a", mount / "c", 1) == 0
+    assert renameat2(mount / "c", mount / "b", 2) == 0  # RENAME_EXCHANGE
+    assert (mount / "b").read_text() == "A" and (mount / "c").read_text() == "B"
+    assert (mount.backing / "b").read_text() == "A"
+
+
+def test_rename_exchange_validates_both_directions(mount):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    write_json(mount / "good.json", {"g": 1})
+    (mount / "bad.txt").write_text("{nope")
+    rc = libc.renameat2(-100, os.fsencode(mount / "good.json"), -100, os.fsencode(mount / "bad.txt"), 2)
+    assert rc != 0 and ctypes.get_errno() == errno.EBADMSG
+    assert (mount / "bad.txt").read_text() == "{nope"
+
+
+def test_directory_rename_keeps_children_reachable(mount):
+    (mount / "p/q").mkdir(parents=True)
+    write_json(mount / "p/q/x.json", {"x": 1})
+    os.rename(mount / "p", mount / "r")
+    write_json(mount / "r/q/x.json", {"x": 2})
+    assert (mount.backing / "r/q/x.json").read_text() == '{"x": 2}'
+    assert sorted(os.listdir(mount / ".backups")) == ["r"]
+
+
+def test_unlink_keeps_a_restorable_backup(mount):
+    write_json(mount / "gone.json", {"last": True})
+    os.unlink(mount / "gone.json")
+    assert not (mount / "gone.json").exists()
+    assert (mount / ".backups/gone.json/1").read_text() == '{"last": true}'
+
+
+def test_fifo_via_mknod(mount):
+    os.mkfifo(mount / "pipe")
+    assert stat.S_ISFIFO(os.stat(mount / "pipe").st_mode)
+    assert stat.S_ISFIFO(os.stat(mount.backing / "pipe").st_mode)
+
+
+def test_statfs_matches_backing(mount):
+    a, b = os.statvfs(mount.mnt), os.statvfs(mount.backing)
+    assert (a.f_bsize, a.f_blocks) == (b.f_bsize, b.f_blocks)
+
+
+def test_readdir_of_a_large_directory_is_complete_and_stable(mount):
+    (mount / "many").mkdir()
+    for i in range(1500):
+        os.close(os.open(mount.backing / "many" / f"f{i:04d}.txt", os.O_CREAT | os.O_WRONLY, 0o644))
+    names = os.listdir(mount / "many")
+    assert sorted(names) == [f"f{i:04d}.txt" for i in range(1500)]
+    # Remove entries while reading: nothing is returned twice.
+    with os.scandir(mount / "many") as it:
+        seen = []
+        for n, entry in enumerate(it):
+            seen.append(entry.name)
+            if n == 10:
+                for i in range(100, 200):
+                    os.unlink(mount / "many" / f"f{i:04d}.txt")
+    assert len(seen) == len(set(seen))
+
+
+def test_changes_behind_the_mounts_back_are_picked_up(mount):
+    write_json(mount / "b.json", {"v": 1})
+    (mount.backing / "b.json").write_text('{"v": "backing"}')
+    (mount.backing / "new.txt").write_text("n")
+    os.rename(mount.backing / "b.json", mount.backing / "c.json")
+    import time
+
+    time.sleep(1.2)  # the entry and attribute timeouts
+    assert not (mount / "b.json").exists()
+    assert (mount / "c.json").read_text() == '{"v": "backing"}'
+    assert (mount / "new.txt").read_text() == "n"
+
+
+def test_xattrs_only_with_the_option(make_mount):
+    m = make_mount(["xattr"])
+    (m.mnt / "x.txt").write_text("1")
+    os.setxattr(m.mnt / "x.txt", "user.tag", b"blue")
+    assert os.getxattr(m.mnt / "x.txt", "user.tag") == b"blue"
+    (m.mnt / "x.txt").write_text("2")
+    assert os.getxattr(m.mnt / "x.txt", "user.tag") == b"blue", "xattrs carry over a commit"
+    assert "user.tag" in os.listxattr(m.mnt / "x.txt")
+    os.removexattr(m.mnt / "x.txt", "user.tag")
+    assert _errno(os.getxattr, m.mnt / "x.txt", "user.tag") == errno.ENODATA
+
+
+def test_xattrs_are_carried_over_commits_without_the_option(mount):
+    (mount / "x.txt").write_text("1")
+    os.setxattr(mount.backing / "x.txt", "user.tag", b"red")
+    (mount / "x.txt").write_text("2")
+    assert os.getxattr(mount.backing / "x.txt", "user.tag") == b"red"
+    assert _errno(os.getxattr, mount / "x.txt", "user.tag") in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODATA)
+
+
+def test_o_direct_and_bad_offsets_get_errors_not_a_dead_daemon(mount):
+    (mount / "f.txt").write_text("abc")
+    assert _errno(os.open, mount / "f.txt", os.O_RDONLY | os.O_DIRECT) == errno.EINVAL
+    fd = os.open(mount / "f.txt", os.O_RDWR)
+    try:
+        assert os.pread(fd, 10, 1 << 62) == b""
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"x", (1 << 63) - 1)
+    finally:
+        os.close(fd)
+    assert (mount / "f.txt").read_text() == "abc"
+
+
+def test_fsync_makes_staged_data_durable_without_committing(mount):
+    (mount / "f.txt").write_text("old")
+    fd = os.open(mount / "f.txt", os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"new")
+    os.fsync(fd)
+    assert (mount / "f.txt").read_text() == "old"
+    staged = os.listdir(mount.state / "staging")
+    assert len(staged) == 1 and (mount.state / "staging" / staged[0]).read_bytes() == b"new"
+    os.close(fd)
+    assert (mount / "f.txt").read_text() == "new"
+
+
+def test_unmount_commits_files_still_open(make_mount):
+    m = make_mount()
+    f = open(m.mnt / "open.json", "w")
+    f.write('{"ok": true}')
+    f.flush()
+    from conftest import fusestore
+
+    fusestore("unmount", str(m.mnt))
+    assert (m.backing / "open.json").read_text() == '{"ok": true}'
+    try:
+        f.close()
+    except OSError:
+        pass
+
+
+def _errno(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
