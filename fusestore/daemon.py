@@ -218,6 +218,8 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         report(f"error: {e}")
         return 1
     setup_logging(store, foreground, "debug" in opts)
+    # Modes arrive from the kernel with the caller's umask applied; ours must not mask again.
+    os.umask(0)
     _raise_fd_limit()
     recovered = store.recover()
     fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts,

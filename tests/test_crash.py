@@ -105,7 +105,7 @@ def test_crash_with_an_open_writer_keeps_its_staged_bytes(make_mount):
     assert m.status()["recovered_at_mount"] == 1
 
 
-def test_crash_before_a_new_file_commits_leaves_no_empty_placeholder(make_mount):
+def test_crash_before_a_new_file_commits_leaves_no_trace_in_the_tree(make_mount):
     m = make_mount()
     code = textwrap.dedent(f"""
         import time
@@ -120,7 +120,7 @@ def test_crash_before_a_new_file_commits_leaves_no_empty_placeholder(make_mount)
     m.kill()
     writer.kill()
     writer.wait()
-    assert (m.backing / "fresh.json").exists(), "the placeholder existed while the writer ran"
+    assert not (m.backing / "fresh.json").exists(), "a new file reaches the tree only by its commit"
     m.start()
     assert not (m.mnt / "fresh.json").exists()
     assert [p.read_bytes() for p in m.quarantine] == [b'{"a": ']

@@ -98,19 +98,20 @@ def test_metadata_carries_over(store, tmp_path):
 
 
 def test_recovery_quarantines_staged_files_with_their_path(store, tmp_path):
-    (tmp_path / "dir").mkdir()
-    (tmp_path / "dir/new.json").write_bytes(b"")
-    ino = os.stat(tmp_path / "dir/new.json").st_ino
-    stage = store.new_stage("dir/new.json", created_ino=ino)
+    stage = store.new_stage("dir/new.json")
     os.write(stage.fd, b'{"half": ')
     long_rel = "/".join(["x" * 100] * 3)
     long_stage = store.new_stage(long_rel)
     os.write(long_stage.fd, b"long")
+    empty = store.new_stage("nothing.txt")
     found = dict(store.recover())
-    assert set(found) == {"dir/new.json", long_rel}
-    assert not (tmp_path / "dir/new.json").exists(), "the empty placeholder of a never-committed file goes"
+    assert set(found) == {"dir/new.json", long_rel, "nothing.txt"}
+    assert found["nothing.txt"] is None, "an empty staged file holds nothing worth keeping"
     assert os.listdir(tmp_path / ".fusestore/staging") == []
     assert (tmp_path / ".fusestore/quarantine" / found["dir/new.json"]).read_bytes() == b'{"half": '
+    assert (tmp_path / ".fusestore/quarantine" / found[long_rel]).read_bytes() == b"long"
+    for s in (stage, long_stage, empty):
+        os.close(s.fd)
 
 
 def test_restore_is_a_commit(store, tmp_path):

@@ -42,12 +42,11 @@ _STAGE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 class Rejected(Exception):
     """Content failed its rule; it was kept in the quarantine."""
 
-    def __init__(self, relpath: str, reason: str, quarantined: str | None, placeholder_removed: bool = False):
+    def __init__(self, relpath: str, reason: str, quarantined: str | None):
         super().__init__(f"{relpath}: {reason}")
         self.relpath = relpath
         self.reason = reason
         self.quarantined = quarantined
-        self.placeholder_removed = placeholder_removed
 
 
 class Rejection(msgspec.Struct, frozen=True):
@@ -69,13 +68,12 @@ class Stats:
 class Stage:
     """A private staged copy of one file's next content, in `state/staging/`."""
 
-    __slots__ = ("fd", "name", "relpath", "created_ino")
+    __slots__ = ("fd", "name", "relpath")
 
-    def __init__(self, fd: int, name: str, relpath: str, created_ino: int):
+    def __init__(self, fd: int, name: str, relpath: str):
         self.fd = fd
         self.name = name
         self.relpath = relpath
-        self.created_ino = created_ino
 
 
 class Store:
@@ -97,30 +95,33 @@ class Store:
 
     # -- staging ---------------------------------------------------------------------------
 
-    def new_stage(self, relpath: str, created_ino: int = 0) -> Stage:
-        """An empty staged file for `relpath`. `created_ino` names the empty placeholder that an
-        open with O_CREAT put in the tree, so recovery can remove it if the write never commits.
+    def new_stage(self, relpath: str, mode: int = 0o600, owner: tuple[int, int] | None = None) -> Stage:
+        """An empty staged file for `relpath`, with `mode` and `owner` for a file that is new.
 
-        Both are written into the staged file's name (recovery reads them back from there), so
-        nothing about them can end up on the committed file; a path too long for a name goes
-        into a `.path` file beside it."""
+        The path is written into the staged file's name (recovery reads it back from there), so
+        nothing about it can end up on the committed file; a path too long for a name goes into
+        a `.path` file beside it."""
         quoted = urllib.parse.quote(relpath, safe="", errors="surrogateescape")
         while True:
-            prefix = f"{time.time_ns()}-{os.getpid()}-{next(self._names)}.{created_ino}."
+            prefix = f"{time.time_ns()}-{os.getpid()}-{next(self._names)}."
             long_path = len(prefix) + len(quoted) > 250
             name = prefix + ("@" if long_path else quoted)
             try:
-                fd = os.open(name, _STAGE_FLAGS, 0o600, dir_fd=self.state.staging_fd)
+                fd = os.open(name, _STAGE_FLAGS, mode, dir_fd=self.state.staging_fd)
                 break
             except FileExistsError:
                 continue
+        if owner is not None:
+            os.fchown(fd, *owner)
+            if mode & 0o6000:
+                os.fchmod(fd, mode)  # chown cleared the set-id bits
         if long_path:
             side = os.open(name + _PATH_SUFFIX, _STAGE_FLAGS, 0o600, dir_fd=self.state.staging_fd)
             try:
                 os.write(side, relpath.encode("utf-8", "surrogateescape"))
             finally:
                 os.close(side)
-        return Stage(fd, name, relpath, created_ino)
+        return Stage(fd, name, relpath)
 
     def _forget_stage_name(self, name: str) -> None:
         if name.endswith(".@"):
@@ -156,9 +157,7 @@ class Store:
         rule = self.rule(relpath)
         reason = validate.check(rule.validate, stage.fd)
         if reason is not None:
-            # A new file whose first content is refused never existed: drop its placeholder.
-            removed = bool(stage.created_ino) and self._remove_placeholder_at(dir_fd, name, stage.created_ino)
-            self.reject(stage, relpath, reason, removed)
+            self.reject(stage, relpath, reason)
         try:
             current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -166,20 +165,12 @@ class Store:
         if current is not None and not stat.S_ISREG(current.st_mode):
             self.quarantine(stage, relpath, "target is no longer a regular file")
             raise IsADirectoryError(f"{relpath} is no longer a regular file")
-        if (current is not None and current.st_ino == stage.created_ino and current.st_size == 0
-                and os.fstat(stage.fd).st_size == 0):
-            # A new empty file: its placeholder already is the content; make the name durable.
-            self.discard(stage)
-            os.fsync(dir_fd)
-            self.stats.commits += 1
-            return
         try:
             if current is not None:
                 self._carry_metadata(current, dir_fd, name, stage.fd)
             os.fsync(stage.fd)
-            placeholder = current is not None and current.st_size == 0 and (
-                current.st_ino == stage.created_ino or not keep_empty)
-            if current is not None and rule.backups and not placeholder:
+            intermediate = current is not None and current.st_size == 0 and not keep_empty
+            if current is not None and rule.backups and not intermediate:
                 self.backups.keep(dir_fd, name, relpath)
                 self.stats.backups_kept += 1
             os.rename(stage.name, name, src_dir_fd=self.state.staging_fd, dst_dir_fd=dir_fd)
@@ -193,13 +184,13 @@ class Store:
         self.stats.commits += 1
         log.debug("committed %s", relpath)
 
-    def reject(self, stage: Stage, relpath: str, reason: str, placeholder_removed: bool = False) -> None:
+    def reject(self, stage: Stage, relpath: str, reason: str) -> None:
         quarantined = self.quarantine(stage, relpath, reason)
         self.stats.rejections += 1
         record = Rejection(relpath, time.time(), reason, quarantined)
         self.stats.recent_rejections = (self.stats.recent_rejections + [record])[-20:]
         log.warning("rejected %s: %s (bytes kept in quarantine as %s)", relpath, reason, quarantined)
-        raise Rejected(relpath, reason, quarantined, placeholder_removed)
+        raise Rejected(relpath, reason, quarantined)
 
     def quarantine(self, stage: Stage, relpath: str, reason: str) -> str | None:
         """Move the staged bytes to `state/quarantine/` with a `.reason` record; consumes `stage`."""
@@ -306,8 +297,9 @@ class Store:
     # -- recovery --------------------------------------------------------------------------
 
     def recover(self) -> list[tuple[str, str | None]]:
-        """Move staged files left by a crash to the quarantine and remove the empty placeholders
-        of files whose first write never committed. Returns (path, quarantine name) pairs."""
+        """Move staged files left by a crash to the quarantine. Returns (path, quarantine name)
+        pairs. New files exist only as staged files until their first commit, so a crash never
+        leaves a trace of them in the tree."""
         found = []
         for name in sorted(os.listdir(self.state.staging_fd)):
             if name.endswith(_PATH_SUFFIX):
@@ -316,11 +308,9 @@ class Store:
                 fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.state.staging_fd)
             except OSError:
                 continue
-            relpath, created = self._parse_stage_name(name)
-            stage = Stage(fd, name, relpath, created)
-            if created and relpath != "unknown":
-                self._remove_placeholder(relpath, created)
-            quarantined = self.quarantine(stage, relpath, "left by a write that never committed (daemon stopped)")
+            relpath = self._parse_stage_name(name)
+            quarantined = self.quarantine(Stage(fd, name, relpath), relpath,
+                                          "left by a write that never committed (daemon stopped)")
             found.append((relpath, quarantined))
             log.warning("recovered staged data of %s into the quarantine as %s", relpath, quarantined)
         for name in os.listdir(self.state.staging_fd):  # .path files whose stage is gone
@@ -328,36 +318,16 @@ class Store:
                 os.unlink(name, dir_fd=self.state.staging_fd)
         return found
 
-    def _parse_stage_name(self, name: str) -> tuple[str, int]:
+    def _parse_stage_name(self, name: str) -> str:
         try:
-            _, created, quoted = name.split(".", 2)
+            quoted = name.split(".", 1)[1]
             if quoted == "@":
-                with open(os.open(name + _PATH_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.staging_fd), "rb") as f:
-                    return os.fsdecode(f.read()), int(created)
-            return urllib.parse.unquote(quoted, errors="surrogateescape"), int(created)
-        except (ValueError, OSError):
-            return "unknown", 0
-
-    def _remove_placeholder(self, relpath: str, ino: int) -> None:
-        try:
-            dir_fd, name = self.open_parent(relpath)
-        except OSError:
-            return
-        try:
-            self._remove_placeholder_at(dir_fd, name, ino)
-        finally:
-            os.close(dir_fd)
-
-    def _remove_placeholder_at(self, dir_fd: int, name: str | bytes, ino: int) -> bool:
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if st.st_ino == ino and st.st_size == 0 and stat.S_ISREG(st.st_mode):
-                os.unlink(name, dir_fd=dir_fd)
-                os.fsync(dir_fd)
-                return True
-        except OSError:
-            pass
-        return False
+                fd = os.open(name + _PATH_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.staging_fd)
+                with open(fd, "rb") as f:
+                    return os.fsdecode(f.read())
+            return urllib.parse.unquote(quoted, errors="surrogateescape")
+        except (IndexError, OSError):
+            return "unknown"
 
     def quarantine_entries(self) -> list[str]:
         return sorted(n for n in os.listdir(self.state.quarantine_fd) if not n.endswith(".reason"))

@@ -29,7 +29,7 @@ ROOT_INODE = 1
 class Node:
     __slots__ = (
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
-        "stage", "writers", "lock", "intermediate",
+        "stage", "writers", "lock", "intermediate", "pending",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -45,6 +45,7 @@ class Node:
         self.writers = 0
         self.lock: trio.Lock | None = None
         self.intermediate = False  # the committed content is an empty intermediate of a writer
+        self.pending = False  # a new file: only its staged copy exists until the first commit
 
     @property
     def location(self) -> tuple["Node", bytes]:
@@ -88,6 +89,7 @@ class InodeTable:
         self.by_ino: dict[int, Node | VirtualNode] = {ROOT_INODE: self.root}
         self.by_name: dict[tuple[int, bytes], Node] = {}
         self.virtual: dict[tuple, VirtualNode] = {}
+        self.pending: dict[int, dict[bytes, Node]] = {}  # directory inode -> new files in it
 
     def _ino(self) -> int:
         ino = self._next
@@ -100,11 +102,34 @@ class InodeTable:
     def find(self, parent: Node, name: bytes) -> Node | None:
         return self.by_name.get((parent.ino, name))
 
-    def add(self, is_dir: bool, fd: int | None, parent: Node, name: bytes) -> Node:
+    def add(self, is_dir: bool, fd: int | None, parent: Node, name: bytes, stage: Stage | None = None) -> Node:
+        """A new node; with `stage`, a new file that exists only as that staged copy so far."""
         node = Node(self._ino(), is_dir, fd)
         self.by_ino[node.ino] = node
         self.place(node, parent, name)
+        if stage is not None:
+            node.stage = stage
+            node.pending = True
+            self.pending.setdefault(parent.ino, {})[name] = node
         return node
+
+    def committed(self, node: Node) -> None:
+        """A pending node's first commit put it in the tree."""
+        if node.pending:
+            node.pending = False
+            self._drop_pending(node)
+
+    def pending_in(self, parent: Node) -> dict[bytes, Node]:
+        return self.pending.get(parent.ino, {})
+
+    def _drop_pending(self, node: Node) -> None:
+        if node.parent is None:
+            return
+        names = self.pending.get(node.parent.ino)
+        if names is not None and names.get(node.name) is node:
+            del names[node.name]
+            if not names:
+                del self.pending[node.parent.ino]
 
     def virtual_node(self, key: tuple, relpath: str, generation: int) -> VirtualNode:
         node = self.virtual.get(key)
@@ -131,6 +156,7 @@ class InodeTable:
         parent = node.parent
         if parent is None:
             return
+        self._drop_pending(node)
         if self.by_name.get((parent.ino, node.name)) is node:
             del self.by_name[(parent.ino, node.name)]
         node.parent = None

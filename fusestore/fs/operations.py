@@ -28,7 +28,7 @@ from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE,
 from fusestore.engine.state import STATE_NAME
 from fusestore.engine.store import Rejected, Stage, Store
 from fusestore.fs.nodes import ROOT_INODE, InodeTable, Node, VirtualNode
-from fusestore.fs.virtual import BACKUPS_NAME, CACHE_NAME, BackupsView
+from fusestore.fs.virtual import BACKUPS_NAME, CACHE_NAME, Attrs, BackupsView
 
 log = logging.getLogger("fusestore")
 T = TypeVar("T")
@@ -154,16 +154,26 @@ class Filesystem(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
-    def _stat(self, node: Node) -> os.stat_result:
+    def _stat(self, node: Node):
         if node.fd is not None:
             return os.stat(node.fd)
+        if node.pending:
+            # A new file's committed content is still nothing: owner and mode are its own, the
+            # size is 0 until the first commit.
+            if node.stage is None:
+                raise FileNotFoundError(errno.ENOENT, "gone")
+            st = os.fstat(node.stage.fd)
+            return Attrs(st.st_mode, 1, st.st_uid, st.st_gid, 0, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
         parent, name = node.location
         return os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
 
     def _check_name(self, parent: Node, name: bytes) -> None:
-        """Names that new entries may not take: the state directory and the virtual dirs."""
+        """Names that new entries may not take: the state directory, the virtual dirs and the
+        names of new files not yet committed."""
         if parent.ino == ROOT_INODE and name in _RESERVED:
             raise pyfuse3.FUSEError(errno.EEXIST if name != STATE_NAME.encode() else errno.EPERM)
+        if name in self.inodes.pending_in(parent):
+            raise pyfuse3.FUSEError(errno.EEXIST)
 
     def _known(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
         """The node for entry `name` of `parent` with stat `st`, made if new (no lookup added)."""
@@ -239,6 +249,9 @@ class Filesystem(pyfuse3.Operations):
             if name == BACKUPS_NAME.encode():
                 vnode, st = self.backups_view.root(self.inodes)
                 return self._looked_up(vnode, st)
+        pending = self.inodes.pending_in(parent).get(name)
+        if pending is not None:
+            return self._looked_up(pending, self._stat(pending))
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         node = self._known(parent, name, st)
         return self._looked_up(node, st)
@@ -270,7 +283,9 @@ class Filesystem(pyfuse3.Operations):
         return self._entry(inode, self._stat(node))
 
     def _set_metadata(self, node: Node, attr, fields) -> None:
-        if node.fd is not None:
+        if node.pending and node.stage is not None:
+            target, kw = node.stage.fd, {}
+        elif node.fd is not None:
             target, kw = node.fd, {}
         else:
             parent, name = node.location
@@ -301,9 +316,9 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if size < 0:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        parent, name = node.location
         relpath = node.relpath()
-        if self.store.rule(relpath).mode == "append":
+        if self.store.rule(relpath).mode == "append" and not node.pending:
+            parent, name = node.location
             fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
             try:
                 os.ftruncate(fd, size)
@@ -404,6 +419,16 @@ class Filesystem(pyfuse3.Operations):
         parent = self._writable_dir(parent_inode)
         if parent.ino == ROOT_INODE and name in _RESERVED:
             raise pyfuse3.FUSEError(errno.EPERM)
+        pending = self.inodes.pending_in(parent).get(name)
+        if pending is not None:
+            # Never committed: nothing in the tree to remove or back up.
+            relpath = pending.relpath()
+            self.inodes.unplace(pending)
+            if pending.writers == 0 and pending.stage is not None:
+                stage, pending.stage = pending.stage, None
+                await trio.to_thread.run_sync(self.store.quarantine, stage, relpath, "deleted before its first commit")
+                self.inodes.maybe_free(pending)
+            return
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -435,15 +460,15 @@ class Filesystem(pyfuse3.Operations):
         for parent, name in ((old_parent, name_old), (new_parent, name_new)):
             if parent.ino == ROOT_INODE and name in _RESERVED:
                 raise pyfuse3.FUSEError(errno.EPERM)
-        os.stat(name_old, dir_fd=old_parent.fd, follow_symlinks=False)
         src = self.inodes.find(old_parent, name_old)
         if src is not None and src.stage is not None:
             await self._commit(src)  # a file renamed while still being written: commit first
+        os.stat(name_old, dir_fd=old_parent.fd, follow_symlinks=False)
         try:
             dst_st = os.stat(name_new, dir_fd=new_parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             dst_st = None
-        dst = self.inodes.find(new_parent, name_new) if dst_st is not None else None
+        dst = self.inodes.find(new_parent, name_new)
         if dst is not None and dst is not src and dst.stage is not None and flags & RENAME_EXCHANGE:
             await self._commit(dst)
         src_rel = self._relpath(old_parent, name_old)
@@ -483,27 +508,33 @@ class Filesystem(pyfuse3.Operations):
         if flags & os.O_DIRECT:
             raise pyfuse3.FUSEError(errno.EINVAL)
         try:
-            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         stat.S_IMODE(mode), dir_fd=parent.fd)
-        except FileExistsError:
-            if flags & os.O_EXCL:
-                raise
-            # Created behind our back since the kernel's lookup: open the existing file instead.
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if flags & os.O_EXCL:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            # Created behind our back since the kernel's lookup: open the existing file instead.
             node = self._known(parent, name, st)
             info = await self._open(node, flags & ~os.O_CREAT)
             return info, self._looked_up(node, self._stat(node))
-        try:
-            owner = self._owner(parent, ctx)
-            if owner is not None:
-                os.fchown(fd, *owner)
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        node = self._known(parent, name, st)
+        # A new file exists only as its staged copy until the first commit puts it in the tree.
         relpath = self._relpath(parent, name)
-        info = await self._open(node, flags, created_ino=st.st_ino, relpath=relpath)
-        return info, self._looked_up(node, st)
+        if self.store.rule(relpath).mode == "append":
+            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         stat.S_IMODE(mode), dir_fd=parent.fd)
+            try:
+                owner = self._owner(parent, ctx)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+            finally:
+                os.close(fd)
+            node = self._known(parent, name, os.stat(name, dir_fd=parent.fd, follow_symlinks=False))
+        else:
+            stage = self.store.new_stage(relpath, stat.S_IMODE(mode), self._owner(parent, ctx))
+            node = self.inodes.add(False, None, parent, name, stage)
+        info = await self._open(node, flags)
+        return info, self._looked_up(node, self._stat(node))
 
     @_errors
     async def open(self, inode, flags, ctx):
@@ -518,32 +549,34 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return await self._open(self._node(inode), flags)
 
-    async def _open(self, node: Node, flags: int, created_ino: int = 0, relpath: str | None = None) -> pyfuse3.FileInfo:
+    async def _open(self, node: Node, flags: int) -> pyfuse3.FileInfo:
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         handle = Handle(node, flags)
-        parent, name = node.location
         info = pyfuse3.FileInfo()
         # Direct I/O for every open: the kernel keeps one size and one page cache per inode, so
         # a reader that opened before a commit would otherwise be cut to the new size or served
         # pages of the new content. Each handle reads its own version from its own fd.
         info.direct_io = True
         if not handle.writer:
-            handle.fd = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
+            if not node.pending:  # a new file not yet committed reads as empty
+                parent, name = node.location
+                handle.fd = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
         else:
-            relpath = relpath or node.relpath()
-            if self.store.rule(relpath).mode == "append":
+            relpath = node.relpath()
+            if self.store.rule(relpath).mode == "append" and not node.pending:
                 handle.append = True
+                parent, name = node.location
                 pass_flags = flags & (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC)
                 handle.fd = os.open(name, pass_flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
             else:
-                if created_ino or flags & os.O_TRUNC:
+                if flags & os.O_TRUNC:
                     # Not dirty yet: a shell's `>` closes a duplicate of the fd before the
                     # command writes, and that flush must not commit the empty file. A stage
                     # nobody writes to is committed when the last writer releases it.
                     async with node.commit_lock():
                         if node.stage is None:
-                            node.stage = self.store.new_stage(relpath, created_ino)
+                            node.stage = self.store.new_stage(relpath)
                         else:
                             os.ftruncate(node.stage.fd, 0)
                 node.writers += 1
@@ -580,6 +613,8 @@ class Filesystem(pyfuse3.Operations):
             if handle.fd is None:
                 parent, name = node.location
                 handle.fd = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
+        if handle.fd is None:
+            return b""  # opened while the file was new and not yet committed
         return os.pread(handle.fd, size, off)
 
     @_errors
@@ -670,14 +705,22 @@ class Filesystem(pyfuse3.Operations):
                 return
             parent, name = node.location
             try:
-                await trio.to_thread.run_sync(self.store.commit, stage, parent.fd, name, relpath, keep_empty)
-            except Rejected as e:
-                if e.placeholder_removed:
+                await trio.to_thread.run_sync(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty)
+            except Rejected:
+                if node.pending:
+                    # A new file whose first content is refused never existed.
                     self.inodes.unplace(node)
                     pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
                 raise
+            self.inodes.committed(node)
+
+    def _commit_and_invalidate(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, keep_empty: bool) -> None:
+        """In a worker thread: the commit, then the kernel's cached size and pages of the file
+        are dropped before the writer's close() returns. (The invalidation may wait inside the
+        kernel, so it never runs on the trio thread; sharing the commit's thread saves a hop.)"""
+        self.store.commit(stage, dir_fd, name, relpath, keep_empty)
         try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.ino, False)
+            pyfuse3.invalidate_inode(ino, False)
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOSYS):
                 log.warning("could not invalidate the kernel cache of %s: %s", relpath, e)
@@ -733,12 +776,17 @@ class Filesystem(pyfuse3.Operations):
                 names = [n for n in names if n not in _RESERVED]
                 if self.options.show_virtual:
                     names.append(BACKUPS_NAME.encode())
+            listed = set(names)
+            names.extend(n for n in self.inodes.pending_in(node) if n not in listed)
             names.sort()
             handle.entries = names
         for i in range(start_id, len(handle.entries)):
             name = handle.entries[i]
+            pending = self.inodes.pending_in(node).get(name)
             if node.ino == ROOT_INODE and name == BACKUPS_NAME.encode():
                 child, st = self.backups_view.root(self.inodes)
+            elif pending is not None:
+                child, st = pending, self._stat(pending)
             else:
                 try:
                     st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
@@ -770,6 +818,8 @@ class Filesystem(pyfuse3.Operations):
         node = self._node(inode)
         if node.fd is not None:
             return f"/proc/self/fd/{node.fd}"
+        if node.pending and node.stage is not None:
+            return f"/proc/self/fd/{node.stage.fd}"
         parent, name = node.location
         return f"/proc/self/fd/{parent.fd}/{os.fsdecode(name)}"
 
