@@ -53,8 +53,8 @@ class Backups(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class Mount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Seconds the kernel may cache names and attributes. fusestore invalidates what it commits
     # itself, so these only bound how long a change made behind the mount's back stays unseen.
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
+    attr_timeout: float = 5.0
+    entry_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.attr_timeout < 0 or self.entry_timeout < 0:

@@ -160,7 +160,7 @@ class Daemon:
 
             async def fuse_loop():
                 try:
-                    await pyfuse3.main(min_tasks=4, max_tasks=64)
+                    await pyfuse3.main(min_tasks=2, max_tasks=64)
                 finally:
                     nursery.cancel_scope.cancel()
 

@@ -49,13 +49,17 @@ class Backups:
     def _dir(self, relpath: str, create: bool = False) -> int:
         return open_dir(self.fd, [escape(p) for p in components(relpath)], create=create, mode=0o700)
 
-    def keep(self, src_dir_fd: int, name: str | bytes, relpath: str) -> None:
+    def keep(self, src_dir_fd: int, name: str | bytes, relpath: str, sync_first: int | None = None) -> None:
         """Keep the current file `name` in `src_dir_fd` as generation 1 of `relpath`.
 
         A file with one name is kept by hard link: no data is copied. A file with other hard
         links is copied (a reflink where the filesystem can), so those names keep a true link
         count. The backup directory is fsynced before this returns, so the caller may then let
         the old content lose its name: the backup is complete and durable first.
+
+        `sync_first` is an fd to fsync after the link and before the directory: a commit passes
+        its staged file, and on a journaling filesystem that one journal commit then carries
+        the link too, so the directory's fsync finds nothing left to write.
         """
         dfd = self._dir(relpath, create=True)
         try:
@@ -87,6 +91,8 @@ class Backups:
                         now += 1
             finally:
                 os.close(src)
+            if sync_first is not None:
+                os.fsync(sync_first)
             os.fsync(dfd)
             self._rotate(dfd)
         finally:

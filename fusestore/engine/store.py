@@ -5,8 +5,8 @@ through `Store.commit`, whose steps keep the tree consistent if the process dies
 
 1. validate the staged content (invalid: move it to the quarantine, raise `Rejected`);
 2. copy mode, owner and extended attributes of the current file onto the staged file;
-3. fsync the staged file;
-4. hard-link the current file as backup generation 1 and fsync the backup directory;
+3. hard-link the current file as backup generation 1;
+4. fsync the staged file, then the backup directory;
 5. rename the staged file over the target (the atomic step);
 6. fsync the target's directory.
 
@@ -36,6 +36,9 @@ from fusestore.engine.state import StateDir
 log = logging.getLogger("fusestore")
 
 _PATH_SUFFIX = ".path"
+_POOL_PREFIX = "pool-"
+_POOL_SIZE = 16
+_POOL_MODE = 0o600
 _STAGE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -85,8 +88,12 @@ class Store:
         self.backups = Backups(self.state.backups_fd, config.backups.keep)
         self.stats = Stats()
         self._names = itertools.count()
+        # Empty files made ahead of need (see refill_pool): creating an inode right after an
+        # fsync costs a journal wait, which then stays off the path of a file's open().
+        self._pool: list[tuple[int, str]] = []
 
     def close(self) -> None:
+        self._drain_pool()
         self.state.close()
         os.close(self.root_fd)
 
@@ -107,11 +114,13 @@ class Store:
             long_path = len(prefix) + len(quoted) > 250
             name = prefix + ("@" if long_path else quoted)
             try:
-                fd = os.open(name, _STAGE_FLAGS, mode, dir_fd=self.state.staging_fd)
+                fd = self._take_pooled(name, mode)
+                if fd is None:
+                    fd = os.open(name, _STAGE_FLAGS, mode, dir_fd=self.state.staging_fd)
                 break
             except FileExistsError:
                 continue
-        if owner is not None:
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
             os.fchown(fd, *owner)
             if mode & 0o6000:
                 os.fchmod(fd, mode)  # chown cleared the set-id bits
@@ -122,6 +131,39 @@ class Store:
             finally:
                 os.close(side)
         return Stage(fd, name, relpath)
+
+    def _take_pooled(self, name: str, mode: int) -> int | None:
+        try:
+            fd, pooled = self._pool.pop()
+        except IndexError:
+            return None
+        try:
+            renameat2(self.state.staging_fd, pooled, self.state.staging_fd, name, RENAME_NOREPLACE)
+            if mode != _POOL_MODE:
+                os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def pool_low(self) -> bool:
+        return len(self._pool) < _POOL_SIZE // 2
+
+    def refill_pool(self) -> None:
+        """Make empty staged files ahead of need (blocking: call from a worker thread)."""
+        while len(self._pool) < _POOL_SIZE:
+            name = f"{_POOL_PREFIX}{time.time_ns()}-{os.getpid()}-{next(self._names)}"
+            fd = os.open(name, _STAGE_FLAGS, _POOL_MODE, dir_fd=self.state.staging_fd)
+            self._pool.append((fd, name))
+
+    def _drain_pool(self) -> None:
+        while self._pool:
+            fd, name = self._pool.pop()
+            os.close(fd)
+            try:
+                os.unlink(name, dir_fd=self.state.staging_fd)
+            except FileNotFoundError:
+                pass
 
     def _forget_stage_name(self, name: str) -> None:
         if name.endswith(".@"):
@@ -168,11 +210,12 @@ class Store:
         try:
             if current is not None:
                 self._carry_metadata(current, dir_fd, name, stage.fd)
-            os.fsync(stage.fd)
             intermediate = current is not None and current.st_size == 0 and not keep_empty
             if current is not None and rule.backups and not intermediate:
-                self.backups.keep(dir_fd, name, relpath)
+                self.backups.keep(dir_fd, name, relpath, sync_first=stage.fd)
                 self.stats.backups_kept += 1
+            else:
+                os.fsync(stage.fd)
             os.rename(stage.name, name, src_dir_fd=self.state.staging_fd, dst_dir_fd=dir_fd)
             self._forget_stage_name(stage.name)
         except BaseException as e:
@@ -224,11 +267,11 @@ class Store:
             os.close(fd)
 
     def _carry_metadata(self, current: os.stat_result, dir_fd: int, name: str | bytes, fd: int) -> None:
-        os.fchmod(fd, stat.S_IMODE(current.st_mode))
-        if os.geteuid() == 0:
+        mine = os.fstat(fd)
+        if os.geteuid() == 0 and (mine.st_uid, mine.st_gid) != (current.st_uid, current.st_gid):
             os.fchown(fd, current.st_uid, current.st_gid)
-            # chown clears set-id bits; put the mode back exactly as it was.
-            os.fchmod(fd, stat.S_IMODE(current.st_mode))
+        if stat.S_IMODE(mine.st_mode) != stat.S_IMODE(current.st_mode) or current.st_mode & 0o6000:
+            os.fchmod(fd, stat.S_IMODE(current.st_mode))  # after chown, which clears set-id bits
         path = f"/proc/self/fd/{dir_fd}/{os.fsdecode(name)}"
         try:
             attrs = os.listxattr(path, follow_symlinks=False)
@@ -303,6 +346,9 @@ class Store:
         found = []
         for name in sorted(os.listdir(self.state.staging_fd)):
             if name.endswith(_PATH_SUFFIX):
+                continue
+            if name.startswith(_POOL_PREFIX):
+                os.unlink(name, dir_fd=self.state.staging_fd)  # made ahead, never used
                 continue
             try:
                 fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.state.staging_fd)

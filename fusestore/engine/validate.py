@@ -1,7 +1,7 @@
 """Validation of staged content against the rule for its path.
 
 `check(kind, fd)` returns None for valid content or a reason that names the line and column. It
-reads the file through a read-only memory map, so a large document is never copied into a
+reads a large file through a read-only memory map, so the document is never copied into a
 Python bytes object, and JSON syntax is checked by msgspec without building the document.
 """
 
@@ -16,6 +16,7 @@ import msgspec
 
 _BYTE_AT = re.compile(r"\(byte (\d+)\)")
 _UTF8_CHUNK = 1 << 20
+_SMALL = 1 << 20  # read smaller files in one call; map larger ones
 
 
 def position(data, offset: int) -> tuple[int, int]:
@@ -85,8 +86,8 @@ def check(kind: str, fd: int) -> str | None:
     if kind == "none":
         return None
     size = os.fstat(fd).st_size
-    if size == 0:
-        return json_error(b"")
+    if size <= _SMALL:
+        return json_error(os.pread(fd, size, 0))
     with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
         if kind == "json":
             return json_error(data)

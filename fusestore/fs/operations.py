@@ -88,7 +88,7 @@ class VirtualHandle:
 
 class Options:
     def __init__(self, xattr: bool = False, show_virtual: bool = False,
-                 attr_timeout: float = 1.0, entry_timeout: float = 1.0):
+                 attr_timeout: float = 5.0, entry_timeout: float = 5.0):
         self.xattr = xattr
         self.show_virtual = show_virtual
         self.attr_timeout = attr_timeout
@@ -108,6 +108,7 @@ class Filesystem(pyfuse3.Operations):
         self._next_fh = 1
         self.backups_view = BackupsView(store.backups)
         self.uid = os.geteuid()
+        self._refilling = False
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -224,6 +225,21 @@ class Filesystem(pyfuse3.Operations):
                 pass
 
         trio.lowlevel.spawn_system_task(invalidate)
+
+    def _keep_pool_filled(self) -> None:
+        if self._refilling or not self.store.pool_low():
+            return
+        self._refilling = True
+
+        async def refill():
+            try:
+                await trio.to_thread.run_sync(self.store.refill_pool)
+            except Exception:  # noqa: BLE001 - without a pool, new_stage creates files itself
+                log.exception("could not make staged files ahead")
+            finally:
+                self._refilling = False
+
+        trio.lowlevel.spawn_system_task(refill)
 
     def _virtual(self, ino: int) -> VirtualNode | None:
         node = self.inodes.get(ino)
@@ -532,6 +548,7 @@ class Filesystem(pyfuse3.Operations):
             node = self._known(parent, name, os.stat(name, dir_fd=parent.fd, follow_symlinks=False))
         else:
             stage = self.store.new_stage(relpath, stat.S_IMODE(mode), self._owner(parent, ctx))
+            self._keep_pool_filled()
             node = self.inodes.add(False, None, parent, name, stage)
         info = await self._open(node, flags)
         return info, self._looked_up(node, self._stat(node))
@@ -570,7 +587,7 @@ class Filesystem(pyfuse3.Operations):
                 pass_flags = flags & (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC)
                 handle.fd = os.open(name, pass_flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
             else:
-                if flags & os.O_TRUNC:
+                if flags & os.O_TRUNC and not (node.pending and node.writers == 0):
                     # Not dirty yet: a shell's `>` closes a duplicate of the fd before the
                     # command writes, and that flush must not commit the empty file. A stage
                     # nobody writes to is committed when the last writer releases it.
@@ -715,12 +732,15 @@ class Filesystem(pyfuse3.Operations):
             self.inodes.committed(node)
 
     def _commit_and_invalidate(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, keep_empty: bool) -> None:
-        """In a worker thread: the commit, then the kernel's cached size and pages of the file
-        are dropped before the writer's close() returns. (The invalidation may wait inside the
-        kernel, so it never runs on the trio thread; sharing the commit's thread saves a hop.)"""
+        """In a worker thread: the commit, then the kernel's cached attributes of the file are
+        dropped before the writer's close() returns, so the next stat or read sees the new size.
+        Only attributes: every open is direct I/O, so no page of the file is cached, and a page
+        invalidation would lock pages inside the kernel while requests are in flight. (The call
+        writes to /dev/fuse, so it never runs on the trio thread; sharing the commit's thread
+        saves a hop.)"""
         self.store.commit(stage, dir_fd, name, relpath, keep_empty)
         try:
-            pyfuse3.invalidate_inode(ino, False)
+            pyfuse3.invalidate_inode(ino, True)
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOSYS):
                 log.warning("could not invalidate the kernel cache of %s: %s", relpath, e)
