@@ -219,3 +219,23 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_inodes_the_kernel_forgets_are_freed(mount):
+    (mount / "many").mkdir()
+    for i in range(300):
+        (mount.backing / "many" / f"{i}.txt").write_text("x")
+    for i in range(300):
+        os.stat(mount / "many" / f"{i}.txt")
+    before = mount.status()["known_inodes"]
+    assert before >= 300
+    from conftest import wait_for
+
+    def dropped() -> bool:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")
+        return mount.status()["known_inodes"] < before - 250
+
+    assert wait_for(dropped, timeout=10), "forget must free the nodes the kernel let go"
+    # And they come back on demand with working content.
+    assert (mount / "many/7.txt").read_text() == "x"

@@ -217,14 +217,12 @@ class Filesystem(pyfuse3.Operations):
         base = parent.relpath()
         return f"{base}/{os.fsdecode(name)}" if base else os.fsdecode(name)
 
-    def _invalidate_attrs_later(self, ino: int) -> None:
-        async def invalidate():
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
-            except Exception:  # noqa: BLE001 - the inode may be gone already; the timeout covers it
-                pass
-
-        trio.lowlevel.spawn_system_task(invalidate)
+    @staticmethod
+    def _invalidate_attrs(ino: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(ino, True)
+        except OSError:
+            pass  # the kernel no longer knows the inode: nothing is cached
 
     def _keep_pool_filled(self) -> None:
         if self._refilling or not self.store.pool_low():
@@ -420,9 +418,10 @@ class Filesystem(pyfuse3.Operations):
         parent, name = node.location
         os.link(name, new_name, src_dir_fd=parent.fd, dst_dir_fd=new_parent.fd, follow_symlinks=False)
         st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
-        # The source's link count changed; the kernel holds the source locked while we answer,
-        # so tell it from outside this request.
-        self._invalidate_attrs_later(node.ino)
+        # The source's link count changed. Dropping cached attributes takes no inode lock in
+        # the kernel, so it is safe while the kernel holds the source for this request, and it
+        # lands before the reply, so a stat right after link(2) sees the new count.
+        await trio.to_thread.run_sync(self._invalidate_attrs, node.ino)
         return self._looked_up(self._known(new_parent, new_name, st), st)
 
     def _writable_dir(self, ino: int) -> Node:
@@ -739,11 +738,7 @@ class Filesystem(pyfuse3.Operations):
         writes to /dev/fuse, so it never runs on the trio thread; sharing the commit's thread
         saves a hop.)"""
         self.store.commit(stage, dir_fd, name, relpath, keep_empty)
-        try:
-            pyfuse3.invalidate_inode(ino, True)
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENOSYS):
-                log.warning("could not invalidate the kernel cache of %s: %s", relpath, e)
+        self._invalidate_attrs(ino)
 
     async def commit_all(self) -> int:
         """Commit (or quarantine) every staged file; used when unmounting. Returns how many."""
