@@ -18,16 +18,20 @@ from conftest import wait_for
 FILES = 4
 ROUNDS = int(os.environ.get("FUSESTORE_CRASH_ROUNDS", "50"))
 
-# Writes version n of file i, forever, and prints "i n" once close() has returned 0.
+# Writes version n of file i, forever, and prints "i n" once close() has returned 0. It works
+# relative to an fd on the mount's root: once the daemon is gone that fd fails, where a path
+# would lead into the empty directory under the mount.
 WRITER = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     mnt, files = sys.argv[1], int(sys.argv[2])
     n = int(sys.argv[3])
+    root = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    opener = lambda path, flags: os.open(path, flags, 0o644, dir_fd=root)
     while True:
         for i in range(files):
             doc = {"file": i, "n": n, "pad": "p" * ((n * 7919 + i * 104729) % 150000)}
             try:
-                with open(f"{mnt}/f{i}.json", "w") as f:
+                with open(f"f{i}.json", "w", opener=opener) as f:
                     json.dump(doc, f)
             except OSError:
                 sys.exit(0)
@@ -37,16 +41,35 @@ WRITER = textwrap.dedent("""
 
 
 def _stacks(*pids: int) -> str:
+    """What the given processes are blocked on, and who still holds /dev/fuse: a diagnosis for
+    a writer that hangs after the daemon is gone."""
     out = []
     for pid in pids:
-        for task in sorted(os.listdir(f"/proc/{pid}/task")) if os.path.exists(f"/proc/{pid}/task") else []:
+        tasks = sorted(os.listdir(f"/proc/{pid}/task")) if os.path.exists(f"/proc/{pid}/task") else []
+        for task in tasks:
+            info = []
+            for item in ("stat", "wchan", "syscall", "stack"):
+                try:
+                    with open(f"/proc/{pid}/task/{task}/{item}") as f:
+                        text = f.read()
+                    info.append(text.rpartition(")")[2].split()[0] if item == "stat" else text.strip())
+                except OSError as e:
+                    info.append(f"({item}: {e.strerror})")
+            out.append(f"{pid}/{task}: " + " | ".join(info))
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
             try:
-                with open(f"/proc/{pid}/task/{task}/stat") as f:
-                    state = f.read().rpartition(")")[2].split()[0]
-                with open(f"/proc/{pid}/task/{task}/stack") as f:
-                    out.append(f"{pid}/{task} {state}\n{f.read()}")
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                        out.append(f"/dev/fuse held by pid {pid}: {open(f'/proc/{pid}/cmdline').read()!r}")
             except OSError:
                 pass
+    try:
+        for conn in os.listdir("/sys/fs/fuse/connections"):
+            with open(f"/sys/fs/fuse/connections/{conn}/waiting") as f:
+                out.append(f"fuse connection {conn}: {f.read().strip()} waiting")
+    except OSError:
+        pass
     return "\n".join(out)
 
 
