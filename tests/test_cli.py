@@ -191,3 +191,15 @@ def test_unmount_of_a_crashed_daemon_clears_the_dead_mount(make_mount):
 def test_python_m_fusestore_works():
     r = subprocess.run([sys.executable, "-m", "fusestore", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "mount" in r.stdout
+
+
+def test_mount_reasons_for_a_missing_mountpoint_and_a_missing_dev_fuse(tree, monkeypatch):
+    from fusestore import daemon
+
+    backing, mnt = tree
+    r = fusestore("mount", str(backing), str(mnt / "nope"), check=False)
+    assert r.returncode != 0 and "mountpoint" in r.stderr and "does not exist" in r.stderr
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if p == "/dev/fuse" else real_exists(p))
+    with pytest.raises(daemon.MountError, match="/dev/fuse"):
+        daemon.preflight(str(backing), str(mnt))

@@ -122,15 +122,15 @@ def test_sigkill_during_commits_loses_nothing(make_mount):
     assert recovered_total > 0, "the kills never hit a write in progress; the test proved nothing"
 
 
-def test_crash_with_an_open_writer_keeps_its_staged_bytes(make_mount):
-    m = make_mount()
-    (m.mnt / "keep.json").write_text('{"v": 1}')
+def _kill_while_writing(m, name: str, data: str, fsync: bool) -> None:
+    """A writer leaves `data` staged in `name` and stays open; then the daemon is killed."""
     code = textwrap.dedent(f"""
-        import os, sys, time
-        f = open({str(m.mnt / 'keep.json')!r}, "w")
-        f.write('{{"v": 2, "partial": tr')
+        import os, time
+        f = open({str(m.mnt / name)!r}, "w")
+        f.write({data!r})
         f.flush()
-        os.fsync(f.fileno())
+        if {fsync}:
+            os.fsync(f.fileno())
         print("written", flush=True)
         time.sleep(60)
     """)
@@ -139,6 +139,12 @@ def test_crash_with_an_open_writer_keeps_its_staged_bytes(make_mount):
     m.kill()
     writer.kill()
     writer.wait()
+
+
+def test_crash_with_an_open_writer_keeps_its_staged_bytes(make_mount):
+    m = make_mount()
+    (m.mnt / "keep.json").write_text('{"v": 1}')
+    _kill_while_writing(m, "keep.json", '{"v": 2, "partial": tr', fsync=True)
     m.start()
     assert json.loads((m.mnt / "keep.json").read_text()) == {"v": 1}
     assert wait_for(lambda: len(m.quarantine) == 1)
@@ -148,19 +154,7 @@ def test_crash_with_an_open_writer_keeps_its_staged_bytes(make_mount):
 
 def test_crash_before_a_new_file_commits_leaves_no_trace_in_the_tree(make_mount):
     m = make_mount()
-    code = textwrap.dedent(f"""
-        import time
-        f = open({str(m.mnt / 'fresh.json')!r}, "w")
-        f.write('{{"a": ')
-        f.flush()
-        print("written", flush=True)
-        time.sleep(60)
-    """)
-    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline().strip() == "written"
-    m.kill()
-    writer.kill()
-    writer.wait()
+    _kill_while_writing(m, "fresh.json", '{"a": ', fsync=False)
     assert not (m.backing / "fresh.json").exists(), "a new file reaches the tree only by its commit"
     m.start()
     assert not (m.mnt / "fresh.json").exists()
