@@ -40,14 +40,11 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Backups(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    keep: int = 3
-    max_age_days: float = 7.0
+    keep: int = 3  # generations kept per file
 
     def __post_init__(self) -> None:
         if self.keep < 1:
             raise ValueError("backups.keep must be at least 1")
-        if self.max_age_days <= 0:
-            raise ValueError("backups.max_age_days must be positive")
 
 
 class Mount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
