@@ -239,3 +239,9 @@ def test_inodes_the_kernel_forgets_are_freed(mount):
     assert wait_for(dropped, timeout=10), "forget must free the nodes the kernel let go"
     # And they come back on demand with working content.
     assert (mount / "many/7.txt").read_text() == "x"
+
+
+def test_mknod_of_an_empty_json_file_is_refused(mount):
+    assert _errno(os.mknod, mount / "n.json", 0o644 | stat.S_IFREG) == errno.EBADMSG
+    os.mknod(mount / "n.txt", 0o644 | stat.S_IFREG)
+    assert (mount.backing / "n.txt").exists()

@@ -125,3 +125,14 @@ def test_names_with_dotdot_components_cannot_be_made(mount):
         components("a/../../etc")
     with pytest.raises(OSError):
         components("/etc/passwd")
+
+
+def test_reserved_names_at_the_root(mount):
+    assert errno_of(os.mkdir, mount / ".backups") == errno.EEXIST
+    assert errno_of(os.mkdir, mount / ".cache") == errno.EPERM
+    assert errno_of(open, mount / ".fusestore", "w") == errno.EPERM
+    # Deeper down they are ordinary names.
+    (mount / "sub").mkdir()
+    (mount / "sub/.backups").mkdir()
+    write_json(mount / "sub/.fusestore", {"fine": True})
+    assert sorted(os.listdir(mount / "sub")) == [".backups", ".fusestore"]

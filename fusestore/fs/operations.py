@@ -172,7 +172,7 @@ class Filesystem(pyfuse3.Operations):
         """Names that new entries may not take: the state directory, the virtual dirs and the
         names of new files not yet committed."""
         if parent.ino == ROOT_INODE and name in _RESERVED:
-            raise pyfuse3.FUSEError(errno.EEXIST if name != STATE_NAME.encode() else errno.EPERM)
+            raise pyfuse3.FUSEError(errno.EEXIST if name == BACKUPS_NAME.encode() else errno.EPERM)
         if name in self.inodes.pending_in(parent):
             raise pyfuse3.FUSEError(errno.EEXIST)
 
@@ -398,6 +398,9 @@ class Filesystem(pyfuse3.Operations):
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         parent = self._writable_dir(parent_inode)
         self._check_name(parent, name)
+        if stat.S_ISREG(mode) and self.store.rule(self._relpath(parent, name)).validate != "none":
+            # An empty file is not a valid document; mknod has no content to commit later.
+            raise pyfuse3.FUSEError(errno.EBADMSG)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
         return self._made(parent, name, self._owner(parent, ctx))
 
