@@ -207,6 +207,23 @@ def test_unmount_commits_files_still_open(make_mount):
         pass
 
 
+def test_unmount_quarantines_invalid_files_still_open(make_mount):
+    m = make_mount()
+    (m.mnt / "half.json").write_text('{"v": 1}')
+    f = open(m.mnt / "half.json", "w")
+    f.write('{"v": 2, "unfinished')
+    f.flush()
+    from conftest import fusestore
+
+    fusestore("unmount", str(m.mnt))
+    assert (m.backing / "half.json").read_text() == '{"v": 1}'
+    assert [p.read_bytes() for p in m.quarantine] == [b'{"v": 2, "unfinished']
+    try:
+        f.close()
+    except OSError:
+        pass
+
+
 def _errno(fn, *args):
     try:
         fn(*args)

@@ -697,6 +697,8 @@ class Filesystem(pyfuse3.Operations):
         try:
             if handle.writer and not handle.append:
                 node.writers -= 1
+                if node.writers == 0:
+                    node.intermediate = False
                 if node.writers == 0 and node.stage is not None:
                     # flush normally committed already; whatever is left must not be dropped.
                     try:
