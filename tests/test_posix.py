@@ -262,3 +262,18 @@ def test_mknod_of_an_empty_json_file_is_refused(mount):
     assert _errno(os.mknod, mount / "n.json", 0o644 | stat.S_IFREG) == errno.EBADMSG
     os.mknod(mount / "n.txt", 0o644 | stat.S_IFREG)
     assert (mount.backing / "n.txt").exists()
+
+
+def test_private_mappings_see_each_committed_version(mount):
+    import mmap
+
+    (mount / "m.bin").write_bytes(b"A" * 8192)
+    with open(mount / "m.bin", "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as m:
+        assert m[:4] == b"AAAA"
+    (mount / "m.bin").write_bytes(b"B" * 4096)
+    with open(mount / "m.bin", "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as m:
+        assert len(m) == 4096 and m[:4] == b"BBBB"
+    # A shared mapping is refused: every open is direct I/O.
+    with open(mount / "m.bin", "rb") as f:
+        with pytest.raises(OSError):
+            mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)

@@ -737,11 +737,10 @@ class Filesystem(pyfuse3.Operations):
 
     def _commit_and_invalidate(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, keep_empty: bool) -> None:
         """In a worker thread: the commit, then the kernel's cached attributes of the file are
-        dropped before the writer's close() returns, so the next stat or read sees the new size.
-        Only attributes: every open is direct I/O, so no page of the file is cached, and a page
-        invalidation would lock pages inside the kernel while requests are in flight. (The call
-        writes to /dev/fuse, so it never runs on the trio thread; sharing the commit's thread
-        saves a hop.)"""
+        dropped before the writer's close() returns, so the next stat sees the new size. Pages
+        need no invalidation: every open is direct I/O, and the kernel drops a direct-I/O file's
+        pages itself whenever it is mapped. (The call writes to /dev/fuse, so it never runs on
+        the trio thread; sharing the commit's thread saves a hop.)"""
         self.store.commit(stage, dir_fd, name, relpath, keep_empty)
         self._invalidate_attrs(ino)
 
