@@ -322,7 +322,9 @@ def _copy_through_mount(src: int, target: str, relpath: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusestore", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fusestore",
+        description="A FUSE filesystem that stages, validates, backs up and atomically commits every write.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("mount", help="mount BACKING on MOUNTPOINT")
