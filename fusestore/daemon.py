@@ -127,6 +127,16 @@ class Daemon:
                     nursery.start_soon(self._answer, stream)
 
     async def _answer(self, stream: trio.SocketStream) -> None:
+        """One request on the control socket. Nothing a client does (hang up, send garbage)
+        may reach the nursery: that would end the daemon."""
+        try:
+            await self._serve_request(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.debug("control client went away: %s", e)
+        except Exception:
+            log.exception("control request failed")
+
+    async def _serve_request(self, stream: trio.SocketStream) -> None:
         async with stream:
             data = b""
             with trio.move_on_after(10):

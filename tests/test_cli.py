@@ -203,3 +203,21 @@ def test_mount_reasons_for_a_missing_mountpoint_and_a_missing_dev_fuse(tree, mon
     monkeypatch.setattr(os.path, "exists", lambda p: False if p == "/dev/fuse" else real_exists(p))
     with pytest.raises(daemon.MountError, match="/dev/fuse"):
         daemon.preflight(str(backing), str(mnt))
+
+
+def test_control_socket_survives_bad_clients(mount):
+    import socket as socket_mod
+
+    state_fd = os.open(mount.state, os.O_PATH)
+    path = f"/proc/self/fd/{state_fd}/control.sock"
+    try:
+        for payload in (b"", b"garbage\n", b'{"cmd": "nope"}\n', b'{"cmd": "status"}\n'):
+            with socket_mod.socket(socket_mod.AF_UNIX) as s:
+                s.connect(path)
+                s.sendall(payload)
+                # Hang up without reading the answer.
+    finally:
+        os.close(state_fd)
+    time.sleep(0.3)
+    assert mount.status()["pid"] == mount.pid
+    assert (mount.mnt / ".backups").exists()
