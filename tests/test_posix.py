@@ -277,3 +277,17 @@ def test_private_mappings_see_each_committed_version(mount):
     with open(mount / "m.bin", "rb") as f:
         with pytest.raises(OSError):
             mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+
+
+def test_a_file_removed_while_written_is_a_temporary_file(mount):
+    import tempfile
+
+    # Python's TemporaryFile falls back to create + unlink on FUSE (no O_TMPFILE).
+    with tempfile.TemporaryFile(dir=mount.mnt) as f:
+        f.write(b"scratch" * 1000)
+        f.flush()
+        f.seek(0)
+        assert f.read(7) == b"scratch"
+    assert os.listdir(mount.mnt) == []
+    assert mount.quarantine == []
+    assert mount.status()["open_staged_files"] == 0

@@ -444,8 +444,9 @@ class Filesystem(pyfuse3.Operations):
             self.inodes.unplace(pending)
             if pending.writers == 0 and pending.stage is not None:
                 stage, pending.stage = pending.stage, None
-                await trio.to_thread.run_sync(self.store.quarantine, stage, relpath, "deleted before its first commit")
+                await trio.to_thread.run_sync(self.store.discard, stage)
                 self.inodes.maybe_free(pending)
+            log.debug("removed %s before its first commit", relpath)
             return
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
@@ -722,7 +723,9 @@ class Filesystem(pyfuse3.Operations):
                     h.dirty = False
             relpath = node.relpath()
             if node.parent is None:
-                await trio.to_thread.run_sync(self.store.quarantine, stage, relpath, "file was deleted while it was being written")
+                # The program removed the file while writing it (an anonymous temporary file,
+                # or a name renamed over): its data goes away, as on any filesystem.
+                await trio.to_thread.run_sync(self.store.discard, stage)
                 return
             parent, name = node.location
             try:
