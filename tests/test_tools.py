@@ -175,3 +175,13 @@ def test_touch_of_a_new_json_file_is_refused_and_leaves_nothing(mount):
     assert wait_for(lambda: not (mount / "empty.json").exists())
     assert not (mount.backing / "empty.json").exists()
     assert any("empty.json" in r["path"] for r in mount.status()["recent_rejections"])
+
+
+def test_git_works_in_the_mount(mount):
+    git = "git -c user.name=t -c user.email=t@example.invalid"
+    r = sh(f"cd {mount.mnt} && git init -q repo && cd repo && echo '{{\"a\": 1}}' > a.json && git add a.json"
+           f" && {git} commit -qm one && echo '{{\"a\": 2}}' > a.json && {git} commit -qam two"
+           f" && git gc -q && git fsck && git log --format=%s")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["two", "one"]
+    assert mount.status()["rejections"] == 0
