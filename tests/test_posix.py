@@ -291,3 +291,14 @@ def test_a_file_removed_while_written_is_a_temporary_file(mount):
     assert os.listdir(mount.mnt) == []
     assert mount.quarantine == []
     assert mount.status()["open_staged_files"] == 0
+
+
+def test_programs_in_the_mount_can_be_executed_after_a_commit(mount):
+    import shutil
+
+    shutil.copy("/bin/echo", mount / "prog")
+    os.chmod(mount / "prog", 0o755)
+    assert subprocess.run([str(mount / "prog"), "hi"], capture_output=True, text=True).stdout == "hi\n"
+    shutil.copy("/bin/true", mount / "prog")  # a commit replaces the binary
+    r = subprocess.run([str(mount / "prog"), "hi"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == ""
