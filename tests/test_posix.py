@@ -302,3 +302,24 @@ def test_programs_in_the_mount_can_be_executed_after_a_commit(mount):
     shutil.copy("/bin/true", mount / "prog")  # a commit replaces the binary
     r = subprocess.run([str(mount / "prog"), "hi"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == ""
+
+
+def test_tree_changed_behind_the_mounts_back_never_breaks_the_daemon(make_mount):
+    import shutil
+    import time
+
+    mount = make_mount(["attr_timeout=0.2,entry_timeout=0.2"])
+    (mount / "d/e").mkdir(parents=True)
+    write_json(mount / "d/e/f.json", {"v": 1})
+    os.listdir(mount / "d/e")
+    shutil.rmtree(mount.backing / "d")  # the directory the daemon holds open goes away
+    (mount.backing / "d").write_text("now a file")  # and its name becomes a file
+    time.sleep(0.4)
+    assert _errno(os.listdir, mount / "d/e") == errno.ENOTDIR
+    assert (mount / "d").read_text() == "now a file"
+    os.unlink(mount.backing / "d")
+    os.mkdir(mount.backing / "d")  # and a directory again
+    time.sleep(0.4)
+    write_json(mount / "d/g.json", {"ok": True})
+    assert (mount.backing / "d/g.json").read_text() == '{"ok": true}'
+    assert mount.status()["pid"] == mount.pid
