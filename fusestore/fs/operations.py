@@ -29,6 +29,7 @@ from fusestore.engine.state import STATE_NAME
 from fusestore.engine.store import Rejected, Stage, Store
 from fusestore.fs.nodes import ROOT_INODE, InodeTable, Node, VirtualNode
 from fusestore.fs.virtual import BACKUPS_NAME, CACHE_NAME, Attrs, BackupsView
+from fusestore.fs.workers import Workers
 
 log = logging.getLogger("fusestore")
 T = TypeVar("T")
@@ -109,6 +110,7 @@ class Filesystem(pyfuse3.Operations):
         self.backups_view = BackupsView(store.backups)
         self.uid = os.geteuid()
         self._refilling = False
+        self.workers = Workers()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -231,7 +233,7 @@ class Filesystem(pyfuse3.Operations):
 
         async def refill():
             try:
-                await trio.to_thread.run_sync(self.store.refill_pool)
+                await self.workers.run(self.store.refill_pool)
             except Exception:  # noqa: BLE001 - without a pool, new_stage creates files itself
                 log.exception("could not make staged files ahead")
             finally:
@@ -293,7 +295,7 @@ class Filesystem(pyfuse3.Operations):
         if fields.update_size:
             await self._truncate(node, attr.st_size, self.handles.get(fh) if fh is not None else None)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
-            await trio.to_thread.run_sync(self._set_metadata, node, attr, fields)
+            await self.workers.run(self._set_metadata, node, attr, fields)
         return self._entry(inode, self._stat(node))
 
     def _set_metadata(self, node: Node, attr, fields) -> None:
@@ -424,7 +426,7 @@ class Filesystem(pyfuse3.Operations):
         # The source's link count changed. Dropping cached attributes takes no inode lock in
         # the kernel, so it is safe while the kernel holds the source for this request, and it
         # lands before the reply, so a stat right after link(2) sees the new count.
-        await trio.to_thread.run_sync(self._invalidate_attrs, node.ino)
+        await self.workers.run(self._invalidate_attrs, node.ino)
         return self._looked_up(self._known(new_parent, new_name, st), st)
 
     def _writable_dir(self, ino: int) -> Node:
@@ -444,7 +446,7 @@ class Filesystem(pyfuse3.Operations):
             self.inodes.unplace(pending)
             if pending.writers == 0 and pending.stage is not None:
                 stage, pending.stage = pending.stage, None
-                await trio.to_thread.run_sync(self.store.discard, stage)
+                await self.workers.run(self.store.discard, stage)
                 self.inodes.maybe_free(pending)
             log.debug("removed %s before its first commit", relpath)
             return
@@ -452,7 +454,7 @@ class Filesystem(pyfuse3.Operations):
         if stat.S_ISDIR(st.st_mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         relpath = self._relpath(parent, name)
-        await trio.to_thread.run_sync(self._unlink_keeping_backup, parent.fd, name, relpath)
+        await self.workers.run(self._unlink_keeping_backup, parent.fd, name, relpath)
         node = self.inodes.find(parent, name)
         if node is not None:
             self.inodes.unplace(node)
@@ -492,7 +494,7 @@ class Filesystem(pyfuse3.Operations):
             await self._commit(dst)
         src_rel = self._relpath(old_parent, name_old)
         dst_rel = self._relpath(new_parent, name_new)
-        await trio.to_thread.run_sync(
+        await self.workers.run(
             self._rename, old_parent.fd, name_old, new_parent.fd, name_new, flags, src_rel, dst_rel, dst_st is not None
         )
         if dst is not None:
@@ -616,7 +618,7 @@ class Filesystem(pyfuse3.Operations):
         parent, name = node.location
         src = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
         try:
-            node.stage = await trio.to_thread.run_sync(self.store.stage_copy, src, relpath)
+            node.stage = await self.workers.run(self.store.stage_copy, src, relpath)
         finally:
             os.close(src)
         return node.stage
@@ -680,9 +682,9 @@ class Filesystem(pyfuse3.Operations):
         handle = self.handles[fh]
         if isinstance(handle, Handle):
             if handle.append:
-                await trio.to_thread.run_sync(os.fsync, handle.fd)
+                await self.workers.run(os.fsync, handle.fd)
             elif handle.node.stage is not None:
-                await trio.to_thread.run_sync(os.fsync, handle.node.stage.fd)
+                await self.workers.run(os.fsync, handle.node.stage.fd)
 
     @_errors
     async def release(self, fh):
@@ -725,11 +727,11 @@ class Filesystem(pyfuse3.Operations):
             if node.parent is None:
                 # The program removed the file while writing it (an anonymous temporary file,
                 # or a name renamed over): its data goes away, as on any filesystem.
-                await trio.to_thread.run_sync(self.store.discard, stage)
+                await self.workers.run(self.store.discard, stage)
                 return
             parent, name = node.location
             try:
-                await trio.to_thread.run_sync(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty)
+                await self.workers.run(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty)
             except Rejected:
                 if node.pending:
                     # A new file whose first content is refused never existed.
@@ -830,7 +832,7 @@ class Filesystem(pyfuse3.Operations):
     async def fsyncdir(self, fh, datasync):
         handle = self.handles[fh]
         if isinstance(handle.node, Node):
-            await trio.to_thread.run_sync(os.fsync, handle.node.fd)
+            await self.workers.run(os.fsync, handle.node.fd)
 
     # -- extended attributes (only with -o xattr) ------------------------------------------
 
