@@ -323,3 +323,14 @@ def test_tree_changed_behind_the_mounts_back_never_breaks_the_daemon(make_mount)
     write_json(mount / "d/g.json", {"ok": True})
     assert (mount.backing / "d/g.json").read_text() == '{"ok": true}'
     assert mount.status()["pid"] == mount.pid
+
+
+def test_a_backup_generation_shows_when_it_was_superseded(mount):
+    import time
+
+    write_json(mount / "t.json", {"v": 1})
+    os.utime(mount / "t.json", (1_000_000_000, 1_000_000_000))  # written long ago
+    before = time.time()
+    write_json(mount / "t.json", {"v": 2})
+    gen = os.stat(mount / ".backups/t.json/1")
+    assert before - 1 <= gen.st_mtime <= time.time() + 1

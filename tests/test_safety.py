@@ -136,3 +136,10 @@ def test_reserved_names_at_the_root(mount):
     (mount / "sub/.backups").mkdir()
     write_json(mount / "sub/.fusestore", {"fine": True})
     assert sorted(os.listdir(mount / "sub")) == [".backups", ".fusestore"]
+
+
+def test_other_users_are_kept_out_without_allow_other(mount):
+    write_json(mount / "a.json", {"v": 1})
+    r = subprocess.run(["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups", "ls", str(mount.mnt)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr

@@ -312,13 +312,6 @@ class Store:
         finally:
             os.close(fd)
 
-    def open_parent(self, relpath: str) -> tuple[int, str]:
-        """A directory fd on the parent of `relpath` and the final name."""
-        parts = components(relpath)
-        if not parts:
-            raise IsADirectoryError("the tree's root is not a file")
-        return open_dir(self.root_fd, parts[:-1]), parts[-1]
-
     def restore(self, relpath: str, number: int = 1) -> None:
         """Put generation `number` back as an ordinary commit (the replaced content becomes a
         backup). For a tree that no daemon serves; through a mount, write the file instead."""
@@ -334,7 +327,10 @@ class Store:
             os.close(dir_fd)
 
     def open_parent_creating(self, relpath: str) -> tuple[int, str]:
+        """A directory fd on the parent of `relpath` (made if missing) and the final name."""
         parts = components(relpath)
+        if not parts:
+            raise IsADirectoryError("the tree's root is not a file")
         return open_dir(self.root_fd, parts[:-1], create=True), parts[-1]
 
     # -- recovery --------------------------------------------------------------------------

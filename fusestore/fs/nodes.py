@@ -42,7 +42,7 @@ class Node:
         self.children = 0
         self.handles = 0
         self.stage: Stage | None = None  # shared by every writer of this file
-        self.writers = 0
+        self.writers: set = set()  # the open write handles that share the stage
         self.lock: trio.Lock | None = None
         self.intermediate = False  # the committed content is an empty intermediate of a writer
         self.pending = False  # a new file: only its staged copy exists until the first commit

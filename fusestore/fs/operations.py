@@ -8,8 +8,8 @@ Every open file gets direct I/O. The kernel keeps one size and one page cache pe
 fusestore serves several versions of a file at once (the writer's staged copy, the committed
 file, and the old file a reader opened before a commit). With direct I/O each handle reads its
 own version from its own fd and uncommitted bytes never enter the page cache; a commit then
-invalidates the kernel's attributes (and pages of MAP_PRIVATE mappings). Shared mmap is
-therefore not available (ENODEV); private mappings and exec work.
+invalidates the kernel's cached attributes. Shared mmap is therefore not available (ENODEV);
+private mappings and exec work (the kernel drops a direct-I/O file's pages when it is mapped).
 """
 
 from __future__ import annotations
@@ -226,6 +226,12 @@ class Filesystem(pyfuse3.Operations):
         except OSError:
             pass  # the kernel no longer knows the inode: nothing is cached
 
+    def _new_stage(self, relpath: str, mode: int = 0o600, owner: tuple[int, int] | None = None) -> Stage:
+        """An empty staged file, taken from the store's pool, which is then topped up."""
+        stage = self.store.new_stage(relpath, mode, owner)
+        self._keep_pool_filled()
+        return stage
+
     def _keep_pool_filled(self) -> None:
         if self._refilling or not self.store.pool_low():
             return
@@ -346,13 +352,12 @@ class Filesystem(pyfuse3.Operations):
             os.ftruncate(stage.fd, size)
         if isinstance(handle, Handle) and handle.writer:
             handle.dirty = True
-        elif node.writers == 0:
+        elif not node.writers:
             # truncate(2) on a path, or ftruncate on a file nobody writes: a commit of its own.
             await self._commit(node)
         else:
-            for h in self.handles.values():
-                if isinstance(h, Handle) and h.node is node and h.writer:
-                    h.dirty = True
+            for writer in node.writers:
+                writer.dirty = True
 
     @_errors
     async def readlink(self, inode, ctx):
@@ -377,9 +382,13 @@ class Filesystem(pyfuse3.Operations):
 
     # -- creating and removing names -------------------------------------------------------
 
-    def _made(self, parent: Node, name: bytes, owner, chown_symlink: bool = False) -> pyfuse3.EntryAttributes:
+    def _made(self, parent: Node, name: bytes, owner, mode: int | None = None) -> pyfuse3.EntryAttributes:
+        """The entry for a name just made: give it its owner, and `mode` again after the chown
+        (which may clear set-id bits), then look it up."""
         if owner is not None:
             os.chown(name, owner[0], owner[1], dir_fd=parent.fd, follow_symlinks=False)
+            if mode is not None:
+                os.chmod(name, mode, dir_fd=parent.fd)
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         return self._looked_up(self._known(parent, name, st), st)
 
@@ -388,13 +397,9 @@ class Filesystem(pyfuse3.Operations):
         parent = self._writable_dir(parent_inode)
         self._check_name(parent, name)
         os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.fd)
-        owner = self._owner(parent, ctx)
-        if owner is not None:
-            os.chown(name, owner[0], owner[1], dir_fd=parent.fd, follow_symlinks=False)
-            # chown may not be allowed to keep set-id bits; restore the requested mode.
-            os.chmod(name, stat.S_IMODE(mode) | (os.stat(name, dir_fd=parent.fd).st_mode & stat.S_ISGID), dir_fd=parent.fd)
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        return self._looked_up(self._known(parent, name, st), st)
+        # A directory in a set-group-ID directory inherits the bit; keep it through the chown.
+        inherited = os.stat(name, dir_fd=parent.fd).st_mode & stat.S_ISGID
+        return self._made(parent, name, self._owner(parent, ctx), stat.S_IMODE(mode) | inherited)
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -444,7 +449,7 @@ class Filesystem(pyfuse3.Operations):
             # Never committed: nothing in the tree to remove or back up.
             relpath = pending.relpath()
             self.inodes.unplace(pending)
-            if pending.writers == 0 and pending.stage is not None:
+            if not pending.writers and pending.stage is not None:
                 stage, pending.stage = pending.stage, None
                 await self.workers.run(self.store.discard, stage)
                 self.inodes.maybe_free(pending)
@@ -468,7 +473,6 @@ class Filesystem(pyfuse3.Operations):
         parent = self._writable_dir(parent_inode)
         if parent.ino == ROOT_INODE and name in _RESERVED:
             raise pyfuse3.FUSEError(errno.EPERM)
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         os.rmdir(name, dir_fd=parent.fd)
         node = self.inodes.find(parent, name)
         if node is not None:
@@ -552,8 +556,7 @@ class Filesystem(pyfuse3.Operations):
                 os.close(fd)
             node = self._known(parent, name, os.stat(name, dir_fd=parent.fd, follow_symlinks=False))
         else:
-            stage = self.store.new_stage(relpath, stat.S_IMODE(mode), self._owner(parent, ctx))
-            self._keep_pool_filled()
+            stage = self._new_stage(relpath, stat.S_IMODE(mode), self._owner(parent, ctx))
             node = self.inodes.add(False, None, parent, name, stage)
         info = await self._open(node, flags)
         return info, self._looked_up(node, self._stat(node))
@@ -592,16 +595,16 @@ class Filesystem(pyfuse3.Operations):
                 pass_flags = flags & (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC)
                 handle.fd = os.open(name, pass_flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
             else:
-                if flags & os.O_TRUNC and not (node.pending and node.writers == 0):
+                if flags & os.O_TRUNC and not (node.pending and not node.writers):
                     # Not dirty yet: a shell's `>` closes a duplicate of the fd before the
                     # command writes, and that flush must not commit the empty file. A stage
                     # nobody writes to is committed when the last writer releases it.
                     async with node.commit_lock():
                         if node.stage is None:
-                            node.stage = self.store.new_stage(relpath)
+                            node.stage = self._new_stage(relpath)
                         else:
                             os.ftruncate(node.stage.fd, 0)
-                node.writers += 1
+                node.writers.add(handle)
         node.handles += 1
         info.fh = self._fh(handle)
         return info
@@ -613,7 +616,7 @@ class Filesystem(pyfuse3.Operations):
             return node.stage
         relpath = node.relpath()
         if empty:
-            node.stage = self.store.new_stage(relpath)
+            node.stage = self._new_stage(relpath)
             return node.stage
         parent, name = node.location
         src = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
@@ -621,6 +624,7 @@ class Filesystem(pyfuse3.Operations):
             node.stage = await self.workers.run(self.store.stage_copy, src, relpath)
         finally:
             os.close(src)
+        self._keep_pool_filled()
         return node.stage
 
     @_errors
@@ -699,15 +703,18 @@ class Filesystem(pyfuse3.Operations):
             os.close(handle.fd)
         try:
             if handle.writer and not handle.append:
-                node.writers -= 1
-                if node.writers == 0:
+                node.writers.discard(handle)
+                if not node.writers:
                     node.intermediate = False
-                if node.writers == 0 and node.stage is not None:
-                    # flush normally committed already; whatever is left must not be dropped.
-                    try:
-                        await self._commit(node)
-                    except (Rejected, OSError, pyfuse3.FUSEError):
-                        pass
+                    if node.stage is not None:
+                        # flush normally committed already; whatever is left must not be
+                        # dropped. Nobody waits for this answer, so failures go to the log.
+                        try:
+                            await self._commit(node)
+                        except Rejected:
+                            pass  # logged and counted by the store
+                        except (OSError, pyfuse3.FUSEError) as e:
+                            log.warning("%s was not committed when its last writer closed it: %s", node.relpath(), e)
         finally:
             node.handles -= 1
             self.inodes.maybe_free(node)
@@ -720,9 +727,8 @@ class Filesystem(pyfuse3.Operations):
                 return
             node.stage = None
             keep_empty, node.intermediate = not node.intermediate, False
-            for h in self.handles.values():
-                if isinstance(h, Handle) and h.node is node:
-                    h.dirty = False
+            for writer in node.writers:
+                writer.dirty = False
             relpath = node.relpath()
             if node.parent is None:
                 # The program removed the file while writing it (an anonymous temporary file,
