@@ -58,6 +58,48 @@ class Mount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("mount timeouts must not be negative")
 
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from `10GiB`, `512 MB`, `1.5G` or a plain number; every unit is binary (1K = 1024)."""
+    if isinstance(text, int):
+        return text
+    number = text.strip().lower().rstrip("bkmgti ")
+    unit = text.strip().lower()[len(number):].strip()
+    if unit not in _UNITS:
+        raise ValueError(f"unknown size unit in {text!r} (use B, KiB, MiB, GiB or TiB)")
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r}") from None
+
+
+class Cache(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The media and TTS cache (`.cache` in the mount, `fusestore cache`, `fusestore.cache`)."""
+
+    # Where entries live: relative paths are taken from the backing tree. Several trees may
+    # share one directory. Default: `.fusestore/cache` of the tree.
+    dir: str | None = None
+    max_size: str | int = "10GiB"
+    media_days: float = 30.0
+    tts_days: float = 90.0
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0:
+            raise ValueError("cache.max_size must be positive")
+        if self.media_days <= 0 or self.tts_days <= 0:
+            raise ValueError("cache.media_days and cache.tts_days must be positive")
+
+    @property
+    def max_bytes(self) -> int:
+        return parse_size(self.max_size)
+
+    def expiry_seconds(self, kind: str) -> float:
+        return (self.media_days if kind == "media" else self.tts_days) * 86400.0
+
+
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule(glob="*.log", mode="append", backups=False),
     Rule(glob="*.json", validate="json"),
@@ -69,6 +111,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rules: tuple[Rule, ...] = ()
     backups: Backups = Backups()
     mount: Mount = Mount()
+    cache: Cache = Cache()
 
     def rule_for(self, relpath: str) -> Rule:
         """The first matching rule: the file's own rules first, then the defaults."""

@@ -1,0 +1,871 @@
+"""The media and TTS cache (spec section 4): entries on disk in the spec's layout, an index to find
+and evict them, and rate limits, shared safely by every process that opens the same directory.
+
+Layout of the cache directory (by default `.fusestore/cache` of the backing tree):
+
+    media/<key>/<data file>, media/<key>/metadata.json
+    tts/<key>/<data file>,   tts/<key>/metadata.json
+    rate-limits.json         request times per provider (see `acquire`)
+    index.sqlite             the index (WAL mode), rebuilt from the entries when missing or damaged
+    .tmp/, .trash/           entries being built and entries being removed
+
+Guarantees:
+- An entry appears whole or not at all: it is built and fsynced in `.tmp/`, then renamed into
+  place (exchanged with the previous entry of the same key, which is then removed). A reader
+  holding an entry's data file open keeps reading it after the entry is replaced or evicted.
+- The index agrees with the entries after a crash at any point. Every structural change first
+  records an intent (type, key, owner pid) in a committed transaction; a process that finds an
+  intent whose owner is dead re-reads that key's entry from disk. Lookups heal a row whose entry
+  went missing. An index that cannot be opened is rebuilt by scanning the entries, which is also
+  how an existing cache directory of the spec's layout is adopted.
+- The total size (data and metadata of every entry, both types) stays under the limit after
+  every insert by evicting the least recently used entries, found through the index (no scan).
+- Expired entries are never served: a lookup that meets one removes it, `gc` removes them all.
+- Usage (`usageCount`, `lastUsedAt`) lives in the index, which is authoritative for it; the
+  `metadata.json` on disk keeps what was true when the entry was written.
+
+All calls block; the filesystem calls them from worker threads. Each thread uses its own SQLite
+connection, and every process may open the same directory at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import msgspec
+
+from fusestore.config import Cache as CacheConfig
+from fusestore.engine.jskey import cache_key
+from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE, clone_or_copy, renameat2
+from fusestore.engine.state import STATE_NAME
+
+log = logging.getLogger("fusestore")
+
+TYPES = ("media", "tts")
+METADATA = "metadata.json"
+INDEX_JSON = "index.json"
+RATE_LIMITS = "rate-limits.json"
+_INDEX_DB = "index.sqlite"
+_TMP, _TRASH = ".tmp", ".trash"
+_RESERVED = {METADATA, INDEX_JSON}
+_OWN_FIELDS = ("type", "key", "file", "cachedAt", "expiresAt", "usageCount", "lastUsedAt")
+_COUNTERS = ("hits", "misses", "inserts", "evictions", "expired")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries(
+    type TEXT NOT NULL, key TEXT NOT NULL,
+    file TEXT NOT NULL,          -- the data file's name in the entry directory
+    size INTEGER NOT NULL,       -- bytes of the data file and metadata.json
+    ino INTEGER NOT NULL,        -- the entry directory's inode: tells a replaced entry apart
+    cached_at REAL NOT NULL, expires_at REAL NOT NULL,
+    usage_count INTEGER NOT NULL, last_used_at REAL,
+    lru REAL NOT NULL,           -- last use, or cachedAt: the eviction order
+    meta TEXT NOT NULL,          -- metadata.json as written
+    PRIMARY KEY(type, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_lru ON entries(lru);
+CREATE INDEX IF NOT EXISTS entries_expiry ON entries(expires_at);
+CREATE TABLE IF NOT EXISTS counters(type TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY(type, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS intents(id INTEGER PRIMARY KEY,
+    op TEXT NOT NULL,            -- 'put': re-read the key from disk; 'remove': its directory goes
+    type TEXT NOT NULL, key TEXT NOT NULL,
+    ino INTEGER,                 -- for 'remove': the directory to remove, if still in place
+    owner TEXT NOT NULL);        -- pid:starttime of the process doing it
+"""
+
+
+class CacheError(Exception):
+    """A cache request that cannot be carried out; the message says why."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A cached item: `path` is its data file."""
+
+    type: str
+    key: str
+    path: str
+    file: str
+    size: int
+    cached_at: float
+    expires_at: float
+    usage_count: int
+    last_used_at: float | None
+    metadata: dict
+
+    def to_json(self) -> dict:
+        return self.metadata | {"type": self.type, "key": self.key, "file": self.file, "size": self.size,
+                                "path": self.path}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The answer of `acquire`: whether the call may go ahead now, and when the next slot opens
+    (seconds from now; 0 when allowed)."""
+
+    allowed: bool
+    wait: float
+    used: int
+    limit: int
+
+
+class TypeStats(msgspec.Struct):
+    entries: int = 0
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    inserts: int = 0
+    evictions: int = 0
+    expired: int = 0
+
+
+class CacheStats(msgspec.Struct):
+    dir: str
+    max_bytes: int
+    total_bytes: int
+    types: dict[str, TypeStats]
+
+
+def directory(backing: str, config: CacheConfig) -> str:
+    """The cache directory of a backing tree: `cache.dir` of its config (relative to the tree,
+    or absolute), else `.fusestore/cache` in the tree."""
+    if config.dir is None:
+        return os.path.join(backing, STATE_NAME, "cache")
+    return os.path.join(backing, os.path.expanduser(config.dir))
+
+
+def iso(t: float | None) -> str | None:
+    """A time as JavaScript's `Date.toISOString()` prints it."""
+    if t is None:
+        return None
+    ms = int(round(t * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def parse_time(value: Any) -> float | None:
+    """Epoch seconds from an ISO 8601 string or epoch milliseconds (as JavaScript keeps them)."""
+    import datetime
+
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return value / 1000.0
+    if isinstance(value, str):
+        try:
+            parsed = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+        return parsed.timestamp()
+    return None
+
+
+def _check_type(kind: str) -> str:
+    if kind not in TYPES:
+        raise CacheError(f"unknown cache type {kind!r} (use media or tts)")
+    return kind
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith(".") or "/" in key or "\0" in key or key in _RESERVED:
+        raise CacheError(f"invalid cache key {key!r}")
+    return key
+
+
+def _check_file(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\0" in name or name == INDEX_JSON:
+        raise CacheError(f"invalid data file name {name!r}")
+    return name
+
+
+def _process_token(pid: int) -> str | None:
+    """pid and start time: names a process uniquely even after its pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    if fields[0] == b"Z":
+        return None
+    return f"{pid}:{int(fields[19])}"
+
+
+class Cache:
+    """One cache directory. `clock` returns the current time (tests pass a fake one)."""
+
+    def __init__(self, directory: str, config: CacheConfig | None = None, clock: Callable[[], float] = time.time,
+                 verify: bool = False):
+        self.dir = os.path.abspath(directory)
+        self.config = config or CacheConfig()
+        self.clock = clock
+        os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        self.fd = os.open(self.dir, DIR_FLAGS)
+        self._type_fds = {}
+        for name in (*TYPES, _TMP, _TRASH):
+            try:
+                os.mkdir(name, 0o755 if name in TYPES else 0o700, dir_fd=self.fd)
+            except FileExistsError:
+                pass
+        for kind in TYPES:
+            self._type_fds[kind] = os.open(kind, DIR_FLAGS, dir_fd=self.fd)
+        self._tmp_fd = os.open(_TMP, DIR_FLAGS, dir_fd=self.fd)
+        self._trash_fd = os.open(_TRASH, DIR_FLAGS, dir_fd=self.fd)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self.owner = _process_token(os.getpid()) or str(os.getpid())
+        self._open_index(verify)
+        self.recover()
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        for fd in (*self._type_fds.values(), self._tmp_fd, self._trash_fd, self.fd):
+            os.close(fd)
+        self._type_fds.clear()
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the index ---------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(os.path.join(self.dir, _INDEX_DB), timeout=60.0, isolation_level=None,
+                             check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
+    def _open_index(self, verify: bool) -> None:
+        """Open the index, or rebuild it from the entries when it is missing or damaged. A full
+        check of the index file (`verify`) is worth its time at mount and in `gc`, not on every
+        command."""
+        path = os.path.join(self.dir, _INDEX_DB)
+        fresh = not os.path.exists(path)
+        try:
+            self._create_schema()
+            ok = not verify or self.db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except sqlite3.DatabaseError as e:
+            log.warning("cache index %s is damaged (%s): rebuilding it from the entries", path, e)
+            ok = False
+        if not ok:
+            self._discard_index()
+            self._create_schema()
+            fresh = True
+        if fresh:
+            self.rebuild()
+
+    def _create_schema(self) -> None:
+        self.db.executescript(_SCHEMA)
+
+    def _discard_index(self) -> None:
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.rename(os.path.join(self.dir, _INDEX_DB + suffix),
+                          os.path.join(self.dir, _TRASH, f"damaged-{time.time_ns()}{_INDEX_DB}{suffix}"))
+            except FileNotFoundError:
+                pass
+
+    class _Transaction:
+        def __init__(self, db: sqlite3.Connection, durable: bool):
+            self.db, self.durable = db, durable
+
+        def __enter__(self) -> sqlite3.Connection:
+            if not self.durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            try:
+                self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                if not self.durable:
+                    self.db.execute("PRAGMA synchronous=FULL")
+
+    def _write(self, durable: bool = True) -> "Cache._Transaction":
+        """A write transaction; other processes' writers wait for it (readers never do)."""
+        return Cache._Transaction(self.db, durable)
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, kind: str, name: str, n: int = 1) -> None:
+        db.execute("INSERT INTO counters VALUES(?,?,?) ON CONFLICT(type,name) DO UPDATE SET value=value+?",
+                   (kind, name, n, n))
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def key(self, url: str, params: Mapping[str, Any] | None = None) -> str:
+        return cache_key(url, params)
+
+    def lookup(self, kind: str, key: str, use: bool = True) -> Entry | None:
+        """The live entry of `key`, or None. An expired entry is removed; a hit with `use` counts
+        as a use (LRU) and a hit; a miss counts as a miss."""
+        _check_type(kind)
+        _check_key(key)
+        row = self.db.execute("SELECT * FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
+        if row is not None and not self._row_matches_disk(kind, key, row):
+            row = self._reconcile(kind, key)
+        elif row is None and self._exists_on_disk(kind, key):
+            row = self._reconcile(kind, key)  # written by a process that died before indexing it
+        now = self.clock()
+        if row is not None and row[6] <= now:
+            self._remove(kind, [key], "expired")
+            row = None
+        if row is None:
+            if use:
+                with self._write(durable=False) as db:
+                    self._count(db, kind, "misses")
+            return None
+        entry = self._entry(row)
+        if use:
+            with self._write(durable=False) as db:
+                db.execute("UPDATE entries SET usage_count=usage_count+1, last_used_at=?, lru=? WHERE type=? AND key=?",
+                           (now, now, kind, key))
+                self._count(db, kind, "hits")
+            entry = self._entry(self.db.execute("SELECT * FROM entries WHERE type=? AND key=?", (kind, key)).fetchone() or row)
+        return entry
+
+    def get(self, url: str, params: Mapping[str, Any] | None = None, type: str = "media") -> Entry | None:
+        """The entry cached for `url` and `params`, counted as a use; None on a miss."""
+        return self.lookup(type, cache_key(url, params))
+
+    def open_data(self, entry: Entry) -> int:
+        """An O_RDONLY fd on the entry's data file, safe from symlinks; it stays readable after
+        the entry is replaced or evicted."""
+        fd = os.open(entry.key, DIR_FLAGS, dir_fd=self._type_fds[entry.type])
+        try:
+            return os.open(entry.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def entries(self, kind: str | None = None) -> Iterator[Entry]:
+        """Live entries, by type and key, without counting uses."""
+        now = self.clock()
+        query = "SELECT * FROM entries WHERE expires_at > ?" + (" AND type=?" if kind else "") + " ORDER BY type, key"
+        args = (now, _check_type(kind)) if kind else (now,)
+        for row in self.db.execute(query, args).fetchall():
+            yield self._entry(row)
+
+    def metadata_json(self, entry: Entry) -> bytes:
+        """The entry's metadata.json as the mount shows it: as written, with current usage."""
+        return json.dumps(entry.metadata, indent=2).encode() + b"\n"
+
+    def index_json(self, kind: str) -> bytes:
+        """The generated `<type>/index.json`: every live entry of the type."""
+        items = {e.key: {"url": e.metadata.get("url"), "file": e.file, "size": e.size,
+                         "cachedAt": iso(e.cached_at), "expiresAt": iso(e.expires_at),
+                         "usageCount": e.usage_count, "lastUsedAt": iso(e.last_used_at)}
+                 for e in self.entries(kind)}
+        return json.dumps({"type": kind, "entries": items}, indent=1).encode() + b"\n"
+
+    def stats(self) -> CacheStats:
+        types = {kind: TypeStats() for kind in TYPES}
+        for kind, count, total in self.db.execute("SELECT type, COUNT(*), COALESCE(SUM(size),0) FROM entries GROUP BY type"):
+            if kind in types:
+                types[kind].entries, types[kind].bytes = count, total
+        for kind, name, value in self.db.execute("SELECT type, name, value FROM counters"):
+            if kind in types and name in _COUNTERS:
+                setattr(types[kind], name, value)
+        return CacheStats(self.dir, self.config.max_bytes, sum(t.bytes for t in types.values()), types)
+
+    def total_bytes(self) -> int:
+        return self.db.execute("SELECT COALESCE(SUM(size),0) FROM entries").fetchone()[0]
+
+    def _entry(self, row: tuple) -> Entry:
+        kind, key, file, size, _ino, cached_at, expires_at, usage, last_used, _lru, meta = row
+        try:
+            metadata = json.loads(meta)
+        except ValueError:
+            metadata = {}
+        metadata.update(type=kind, key=key, file=file, cachedAt=iso(cached_at), expiresAt=iso(expires_at),
+                        usageCount=usage, lastUsedAt=iso(last_used))
+        path = os.path.join(self.dir, kind, key, file)
+        return Entry(kind, key, path, file, size, cached_at, expires_at, usage, last_used, metadata)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put(self, url: str | None, source: str | bytes | int, type: str = "media", *,
+            params: Mapping[str, Any] | None = None, tags: list[str] | tuple[str, ...] = (),
+            file: str | None = None, extra: Mapping[str, Any] | None = None, key: str | None = None) -> Entry:
+        """Insert (or replace) the entry for `url`+`params` with the data in `source` (a path,
+        bytes, or an fd read from offset 0). Returns the new entry; evicts LRU entries to stay
+        under the size limit."""
+        kind = _check_type(type)
+        if key is None:
+            if url is None:
+                raise CacheError("an entry needs a url or a key")
+            key = cache_key(url, params)
+        _check_key(key)
+        if file is None:
+            name = source if isinstance(source, str) else (url or "")
+            ext = os.path.splitext(name.split("?")[0].rstrip("/"))[1]
+            file = "data" + (ext if 0 < len(ext) <= 10 else "")
+        _check_file(file)
+        if file == METADATA:
+            raise CacheError("the data file cannot be named metadata.json")
+        metadata: dict[str, Any] = dict(extra or {})
+        metadata.update(url=url, tags=list(tags))
+        if params:
+            metadata["params"] = dict(params)
+        def fill(build_fd: int) -> None:
+            out = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=build_fd)
+            try:
+                if isinstance(source, bytes):
+                    view = memoryview(source)
+                    while view:
+                        view = view[os.write(out, view):]
+                elif isinstance(source, int):
+                    clone_or_copy(source, out)
+                else:
+                    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        clone_or_copy(src, out)
+                    finally:
+                        os.close(src)
+                os.fsync(out)
+            finally:
+                os.close(out)
+
+        return self._build(kind, key, file, fill, metadata)
+
+    def put_file(self, kind: str, key: str, file: str, src_dir_fd: int, src_name: str,
+                 metadata: Mapping[str, Any]) -> Entry:
+        """Insert (or replace) entry `key` with the data file `src_name` of `src_dir_fd`, which
+        is hard-linked (not copied) and must be on the cache's filesystem and already fsynced."""
+        _check_type(kind)
+        _check_key(key)
+        _check_file(file)
+
+        def fill(build_fd: int) -> None:
+            os.link(src_name, file, src_dir_fd=src_dir_fd, dst_dir_fd=build_fd, follow_symlinks=False)
+
+        return self._build(kind, key, file, fill, dict(metadata))
+
+    def _build(self, kind: str, key: str, file: str, fill: Callable[[int], None], metadata: dict,
+               keep_times: Entry | None = None) -> Entry:
+        build = self._new_build()
+        try:
+            fill(build.fd)
+            return self._publish(kind, key, build, file, metadata, keep_times)
+        finally:
+            build.discard()
+
+    def put_metadata(self, kind: str, key: str, fields: Mapping[str, Any]) -> Entry:
+        """Replace the user fields of an existing entry's metadata (url, tags, anything else);
+        the fields fusestore keeps (times, usage, file) are its own. The data file is linked,
+        not copied."""
+        _check_type(kind)
+        _check_key(key)
+        current = self.lookup(kind, key, use=False)
+        if current is None:
+            raise CacheError(f"no {kind} entry {key}")
+        def fill(build_fd: int) -> None:
+            src_dir = os.open(key, DIR_FLAGS, dir_fd=self._type_fds[kind])
+            try:
+                os.link(current.file, current.file, src_dir_fd=src_dir, dst_dir_fd=build_fd, follow_symlinks=False)
+            finally:
+                os.close(src_dir)
+
+        metadata = {k: v for k, v in fields.items() if k not in _OWN_FIELDS}
+        return self._build(kind, key, current.file, fill, metadata, keep_times=current)
+
+    def _new_build(self) -> "_Build":
+        name = f"{os.getpid()}-{uuid.uuid4().hex}"
+        os.mkdir(name, 0o755, dir_fd=self._tmp_fd)
+        return _Build(self, name, os.open(name, DIR_FLAGS, dir_fd=self._tmp_fd))
+
+    def _publish(self, kind: str, key: str, build: "_Build", file: str, metadata: dict,
+                 keep_times: Entry | None = None) -> Entry:
+        now = self.clock()
+        cached_at = keep_times.cached_at if keep_times else now
+        expires_at = keep_times.expires_at if keep_times else now + self.config.expiry_seconds(kind)
+        metadata = dict(metadata)
+        metadata.setdefault("url", None)
+        metadata.setdefault("tags", [])
+        metadata.update(cachedAt=iso(cached_at), expiresAt=iso(expires_at), usageCount=0, lastUsedAt=None)
+        if keep_times:
+            metadata.update(usageCount=keep_times.usage_count, lastUsedAt=iso(keep_times.last_used_at))
+        text = json.dumps(metadata, indent=2).encode() + b"\n"
+        fd = os.open(METADATA, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=build.fd)
+        try:
+            os.write(fd, text)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.fsync(build.fd)
+        size = os.stat(file, dir_fd=build.fd, follow_symlinks=False).st_size + len(text)
+        ino = os.fstat(build.fd).st_ino
+        if size > self.config.max_bytes:
+            raise CacheError(f"an entry of {size} bytes cannot fit the cache's limit of {self.config.max_bytes} bytes")
+        intent = self._intend(kind, key)
+        type_fd = self._type_fds[kind]
+        stored = {k: v for k, v in metadata.items() if k not in ("usageCount", "lastUsedAt")}
+        usage = keep_times.usage_count if keep_times else 0
+        last_used = keep_times.last_used_at if keep_times else None
+        with self._write() as db:
+            try:
+                renameat2(self._tmp_fd, build.name, type_fd, key, RENAME_NOREPLACE)
+            except FileExistsError:
+                # The previous entry is swapped out whole and removed after the commit.
+                renameat2(self._tmp_fd, build.name, type_fd, key, RENAME_EXCHANGE)
+            else:
+                build.published = True
+            row = (kind, key, file, size, ino, cached_at, expires_at, usage, last_used, last_used or cached_at,
+                   json.dumps(stored))
+            db.execute("INSERT OR REPLACE INTO entries VALUES(?,?,?,?,?,?,?,?,?,?,?)", row)
+            db.execute("DELETE FROM intents WHERE id=?", (intent,))
+            if not keep_times:
+                self._count(db, kind, "inserts")
+            evicted = self._choose_victims(db)
+        os.fsync(type_fd)
+        build.discard()
+        if evicted:
+            self._finish_removals()
+        return self._entry(row)  # what this call wrote, even if another process replaced it since
+
+    def _intend(self, kind: str, key: str) -> int:
+        with self._write() as db:
+            return db.execute("INSERT INTO intents(op, type, key, owner) VALUES('put',?,?,?)",
+                              (kind, key, self.owner)).lastrowid
+
+    def _retire(self, db: sqlite3.Connection, kind: str, key: str, ino: int | None, counter: str | None) -> None:
+        """Inside a write transaction: the entry leaves the index now; its directory (if it is
+        still the one with inode `ino`) leaves the disk in `_finish_removals`, or in the
+        recovery of whoever finds the intent after a crash."""
+        db.execute("DELETE FROM entries WHERE type=? AND key=?", (kind, key))
+        db.execute("INSERT INTO intents(op, type, key, ino, owner) VALUES('remove',?,?,?,?)", (kind, key, ino, self.owner))
+        if counter:
+            self._count(db, kind, counter)
+
+    def _choose_victims(self, db: sqlite3.Connection) -> int:
+        """Inside a write transaction: retire the least recently used entries until the total
+        is under the limit. Returns how many."""
+        over = db.execute("SELECT COALESCE(SUM(size),0) FROM entries").fetchone()[0] - self.config.max_bytes
+        victims = []
+        if over > 0:
+            for kind, key, size, ino in db.execute("SELECT type, key, size, ino FROM entries ORDER BY lru LIMIT 10000"):
+                if over <= 0:
+                    break
+                victims.append((kind, key, ino))
+                over -= size
+        for kind, key, ino in victims:
+            self._retire(db, kind, key, ino, "evictions")
+            log.info("cache: evicting %s/%s", kind, key)
+        return len(victims)
+
+    def _finish_removals(self) -> None:
+        """Move the directories of this process's retired entries to the trash and empty it.
+        Under the write lock, so no other process can put a new entry under the same key
+        between the inode check and the rename."""
+        with self._write() as db:
+            for ident, kind, key, ino in db.execute(
+                    "SELECT id, type, key, ino FROM intents WHERE op='remove' AND owner=?", (self.owner,)).fetchall():
+                self._trash_if(kind, key, ino)
+                db.execute("DELETE FROM intents WHERE id=?", (ident,))
+        self._empty_trash()
+
+    def _trash_if(self, kind: str, key: str, ino: int | None) -> None:
+        type_fd = self._type_fds[kind]
+        try:
+            if ino is not None and os.stat(key, dir_fd=type_fd, follow_symlinks=False).st_ino != ino:
+                return  # a newer entry took the key: it stays
+            renameat2(type_fd, key, self._trash_fd, f"{os.getpid()}-{uuid.uuid4().hex}")
+        except FileNotFoundError:
+            pass
+
+    def _remove(self, kind: str, keys: list[str], counter: str | None) -> int:
+        """Remove entries: rows first (with intents), then the directories."""
+        with self._write() as db:
+            for key in keys:
+                row = db.execute("SELECT ino FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
+                if row is not None:
+                    ino = row[0]
+                else:  # on disk only (clear): take the directory that is there now
+                    try:
+                        ino = os.stat(key, dir_fd=self._type_fds[kind], follow_symlinks=False).st_ino
+                    except FileNotFoundError:
+                        continue
+                self._retire(db, kind, key, ino, counter)
+        self._finish_removals()
+        return len(keys)
+
+    def _empty_trash(self) -> None:
+        prefix = f"{os.getpid()}-"
+        for name in os.listdir(self._trash_fd):
+            if name.startswith(prefix):
+                _remove_tree(self._trash_fd, name)
+
+    def remove(self, kind: str, key: str) -> bool:
+        _check_type(kind)
+        _check_key(key)
+        exists = self.db.execute("SELECT 1 FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
+        if exists is None and not self._exists_on_disk(kind, key):
+            return False
+        self._remove(kind, [key], None)
+        return True
+
+    def clear(self, kind: str | None = None) -> int:
+        """Remove every entry (of one type). Returns how many."""
+        kinds = [_check_type(kind)] if kind else list(TYPES)
+        count = 0
+        for k in kinds:
+            keys = set(os.listdir(self._type_fds[k]))
+            keys.update(r[0] for r in self.db.execute("SELECT key FROM entries WHERE type=?", (k,)))
+            count += self._remove(k, sorted(keys), None)
+        return count
+
+    def gc(self) -> int:
+        """Remove every expired entry, finish what dead processes left; returns how many expired."""
+        self.recover()
+        now = self.clock()
+        count = 0
+        for kind in TYPES:
+            keys = [r[0] for r in self.db.execute("SELECT key FROM entries WHERE type=? AND expires_at <= ?", (kind, now))]
+            if keys:
+                count += self._remove(kind, keys, "expired")
+        return count
+
+    # -- consistency ---------------------------------------------------------------------------
+
+    def _exists_on_disk(self, kind: str, key: str) -> bool:
+        try:
+            os.stat(f"{key}/{METADATA}", dir_fd=self._type_fds[kind], follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+
+    def _row_matches_disk(self, kind: str, key: str, row: tuple) -> bool:
+        try:
+            return os.stat(key, dir_fd=self._type_fds[kind], follow_symlinks=False).st_ino == row[4]
+        except FileNotFoundError:
+            return False
+
+    def _read_entry(self, kind: str, key: str) -> tuple | None:
+        """An index row made from the entry on disk, or None when there is no usable entry."""
+        type_fd = self._type_fds[kind]
+        try:
+            fd = os.open(key, DIR_FLAGS, dir_fd=type_fd)
+        except OSError:
+            return None
+        try:
+            ino = os.fstat(fd).st_ino
+            try:
+                mfd = os.open(METADATA, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:
+                return None
+            try:
+                meta_bytes = os.read(mfd, 1 << 20)
+            finally:
+                os.close(mfd)
+            try:
+                meta = json.loads(meta_bytes)
+            except ValueError:
+                log.warning("cache: %s/%s has a damaged metadata.json; it is not served", kind, key)
+                return None
+            if not isinstance(meta, dict):
+                return None
+            data = sorted(n for n in os.listdir(fd) if n != METADATA)
+            if not data:
+                return None
+            file = meta.get("file") if meta.get("file") in data else data[0]
+            st = os.stat(file, dir_fd=fd, follow_symlinks=False)
+            size = st.st_size + len(meta_bytes)
+            cached_at = parse_time(meta.get("cachedAt") or meta.get("downloaded_at")) or st.st_mtime
+            expires_at = parse_time(meta.get("expiresAt") or meta.get("expires_at")) or cached_at + self.config.expiry_seconds(kind)
+            usage = meta.get("usageCount") if isinstance(meta.get("usageCount"), int) else 0
+            last_used = parse_time(meta.get("lastUsedAt"))
+            stored = {k: v for k, v in meta.items() if k not in ("usageCount", "lastUsedAt")}
+            return (kind, key, file, size, ino, cached_at, expires_at, usage, last_used,
+                    last_used or cached_at, json.dumps(stored))
+        finally:
+            os.close(fd)
+
+    def _reconcile(self, kind: str, key: str) -> tuple | None:
+        """Make the index row of `key` agree with the disk; returns the row (None: no entry)."""
+        with self._write() as db:
+            row = self._read_entry(kind, key)  # under the lock: no writer changes the key meanwhile
+            old = db.execute("SELECT usage_count, last_used_at FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
+            if row is None:
+                db.execute("DELETE FROM entries WHERE type=? AND key=?", (kind, key))
+            else:
+                if old is not None:  # keep the usage the index knew
+                    row = row[:7] + (max(old[0], row[7]), old[1] or row[8], old[1] or row[8] or row[5]) + row[10:]
+                db.execute("INSERT OR REPLACE INTO entries VALUES(?,?,?,?,?,?,?,?,?,?,?)", row)
+        return row
+
+    def recover(self) -> int:
+        """Finish the work of processes that died mid-change: each key they were changing is
+        re-read from disk. Also removes their half-built entries. Returns how many keys."""
+        dead = []
+        for ident, op, kind, key, ino, owner in self.db.execute("SELECT id, op, type, key, ino, owner FROM intents").fetchall():
+            pid, _, start = owner.partition(":")
+            token = _process_token(int(pid)) if pid.isdigit() else None
+            if token != owner:
+                dead.append((ident, op, kind, key, ino))
+        for ident, op, kind, key, ino in dead:
+            if op == "remove":
+                with self._write() as db:
+                    self._trash_if(kind, key, ino)
+                    db.execute("DELETE FROM intents WHERE id=?", (ident,))
+            else:
+                self._reconcile(kind, key)
+                with self._write() as db:
+                    db.execute("DELETE FROM intents WHERE id=?", (ident,))
+        if dead:
+            log.warning("cache: finished %d change(s) of processes that died", len(dead))
+            # An entry a dead process published but had not indexed may take the total over.
+            with self._write() as db:
+                evicted = self._choose_victims(db)
+            if evicted:
+                self._finish_removals()
+        for folder_fd in (self._tmp_fd, self._trash_fd):
+            for name in os.listdir(folder_fd):
+                pid = name.split("-", 1)[0]
+                if not pid.isdigit() or (int(pid) != os.getpid() and _process_token(int(pid)) is None):
+                    _remove_tree(folder_fd, name)
+        return len(dead)
+
+    def rebuild(self) -> int:
+        """Make the index from the entries on disk (adopting a cache of the spec's layout)."""
+        rows = []
+        for kind in TYPES:
+            for key in os.listdir(self._type_fds[kind]):
+                if key.startswith(".") or key in _RESERVED:
+                    continue
+                row = self._read_entry(kind, key)
+                if row is not None:
+                    rows.append(row)
+        with self._write() as db:
+            db.execute("DELETE FROM entries")
+            db.execute("DELETE FROM intents")
+            db.executemany("INSERT OR REPLACE INTO entries VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
+        log.info("cache: index of %s rebuilt from %d entries", self.dir, len(rows))
+        return len(rows)
+
+    # -- rate limits -----------------------------------------------------------------------------
+
+    def acquire(self, provider: str, limit: int, per_seconds: float) -> Slot:
+        """Sliding-window rate limit shared by every process: may a call to `provider` go ahead
+        now, given at most `limit` calls per `per_seconds`? An allowed call is recorded."""
+        if limit < 1 or per_seconds <= 0:
+            raise CacheError("a rate limit needs limit >= 1 and per_seconds > 0")
+        lock = os.open("rate-limits.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self._read_rate_limits()
+            now = self.clock()
+            providers = state.setdefault("providers", {})
+            record = providers.setdefault(provider, {})
+            recent = sorted(t for t in (parse_time(x) for x in record.get("requests", [])) if t is not None and t > now - per_seconds)
+            allowed = len(recent) < limit
+            wait = 0.0 if allowed else max(0.0, recent[len(recent) - limit] + per_seconds - now)
+            if allowed:
+                recent.append(now)
+            record.update(limit=limit, perSeconds=per_seconds, requests=[iso(t) for t in recent])
+            if allowed:
+                self._write_rate_limits(state)
+            return Slot(allowed, wait, len(recent), limit)
+        finally:
+            os.close(lock)
+
+    def _read_rate_limits(self) -> dict:
+        try:
+            fd = os.open(RATE_LIMITS, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            return {}
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                state = json.loads(f.read())
+        except ValueError:
+            log.warning("cache: %s is damaged; rate limits start afresh", RATE_LIMITS)
+            return {}
+        finally:
+            os.close(fd)
+        return state if isinstance(state, dict) else {}
+
+    def _write_rate_limits(self, state: dict) -> None:
+        tmp = f"{_TMP}/{os.getpid()}-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
+        try:
+            os.write(fd, json.dumps(state, indent=2).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, RATE_LIMITS, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        os.fsync(self.fd)
+
+    def rate_limits_json(self) -> bytes:
+        return json.dumps(self._read_rate_limits(), indent=2).encode() + b"\n"
+
+
+class _Build:
+    """An entry being built in `.tmp/`; removed unless it was published."""
+
+    def __init__(self, cache: Cache, name: str, fd: int):
+        self.cache, self.name, self.fd = cache, name, fd
+        self.published = False
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if not self.published:
+            _remove_tree(self.cache._tmp_fd, self.name)
+            self.published = True  # nothing left to discard
+
+
+def _remove_tree(dir_fd: int, name: str) -> None:
+    """rm -r of `name` below `dir_fd`, never following symlinks."""
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            os.unlink(name, dir_fd=dir_fd)
+            return
+        raise
+    try:
+        for child in os.listdir(fd):
+            try:
+                os.unlink(child, dir_fd=fd)
+            except IsADirectoryError:
+                _remove_tree(fd, child)
+            except FileNotFoundError:
+                pass
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
