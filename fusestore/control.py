@@ -13,6 +13,7 @@ from typing import Literal
 
 import msgspec
 
+from fusestore.engine.cache import CacheStats
 from fusestore.engine.store import Rejection
 
 
@@ -39,6 +40,7 @@ class Status(msgspec.Struct):
     backup_bytes: int
     recovered_at_mount: int
     recent_rejections: list[Rejection]
+    cache: CacheStats | None = None
 
 
 class Reply(msgspec.Struct):

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 
@@ -21,6 +22,8 @@ import trio
 
 from fusestore import config as config_mod
 from fusestore import control
+from fusestore.engine import cache as cache_mod
+from fusestore.engine.cache import Cache
 from fusestore.engine.state import Busy
 from fusestore.engine.store import Store
 from fusestore.fs.operations import Filesystem, Options
@@ -97,6 +100,7 @@ class Daemon:
             quarantine_entries=len(self.store.quarantine_entries()), backups_kept=stats.backups_kept,
             backup_files=files, backup_generations=gens, backup_bytes=size,
             recovered_at_mount=self.recovered, recent_rejections=list(stats.recent_rejections),
+            cache=self.fs.cache_view.cache.stats(),
         )
 
     async def stop(self) -> int:
@@ -232,8 +236,14 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
     os.umask(0)
     _raise_fd_limit()
     recovered = store.recover()
+    try:
+        cache = Cache(cache_mod.directory(backing, config.cache), config.cache, verify=True)
+    except (OSError, sqlite3.Error) as e:
+        report(f"error: cannot open the cache {cache_mod.directory(backing, config.cache)}: {getattr(e, 'strerror', None) or e}")
+        store.close()
+        return 1
     fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts,
-                                   attr_timeout=attr_timeout, entry_timeout=entry_timeout))
+                                   attr_timeout=attr_timeout, entry_timeout=entry_timeout), cache)
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {f"fsname={backing}", "subtype=fusestore"}
     if "allow_other" in opts:
@@ -244,6 +254,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         pyfuse3.init(fs, mountpoint, fuse_options)
     except RuntimeError as e:
         report(f"error: cannot mount on {mountpoint}: {e}")
+        cache.close()
         store.close()
         return 1
     daemon = Daemon(store, fs, mountpoint, len(recovered))
@@ -261,6 +272,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
             os.unlink(store.state.socket_path)
         except OSError:
             pass
+        cache.close()
         store.close()
         log.info("stopped%s", "" if clean else " after an error")
     return 0

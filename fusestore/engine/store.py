@@ -229,11 +229,16 @@ class Store:
 
     def reject(self, stage: Stage, relpath: str, reason: str) -> None:
         quarantined = self.quarantine(stage, relpath, reason)
+        raise self.rejected(relpath, reason, quarantined)
+
+    def rejected(self, relpath: str, reason: str, quarantined: str | None) -> Rejected:
+        """Count and log a rejection; returns the exception to raise."""
         self.stats.rejections += 1
         record = Rejection(relpath, time.time(), reason, quarantined)
         self.stats.recent_rejections = (self.stats.recent_rejections + [record])[-20:]
-        log.warning("rejected %s: %s (bytes kept in quarantine as %s)", relpath, reason, quarantined)
-        raise Rejected(relpath, reason, quarantined)
+        kept = f"bytes kept in quarantine as {quarantined}" if quarantined else "nothing was changed"
+        log.warning("rejected %s: %s (%s)", relpath, reason, kept)
+        return Rejected(relpath, reason, quarantined)
 
     def quarantine(self, stage: Stage, relpath: str, reason: str) -> str | None:
         """Move the staged bytes to `state/quarantine/` with a `.reason` record; consumes `stage`."""

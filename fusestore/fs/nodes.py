@@ -68,17 +68,19 @@ class Node:
 
 
 class VirtualNode:
-    """A node of the `.backups` tree: a directory of a tree path, or one generation of a file."""
+    """A node of a virtual tree (`.backups`, `.cache`), served by its `view`. In `.backups`: a
+    directory of a tree path, or one generation of a file."""
 
-    __slots__ = ("ino", "key", "lookups", "handles", "relpath", "generation")
+    __slots__ = ("ino", "key", "lookups", "handles", "relpath", "generation", "view")
 
-    def __init__(self, ino: int, key: tuple, relpath: str, generation: int):
+    def __init__(self, ino: int, key: tuple, relpath: str, generation: int, view):
         self.ino = ino
         self.key = key
         self.lookups = 0
         self.handles = 0
         self.relpath = relpath
         self.generation = generation  # 0 for a directory
+        self.view = view
 
 
 class InodeTable:
@@ -131,10 +133,10 @@ class InodeTable:
             if not names:
                 del self.pending[node.parent.ino]
 
-    def virtual_node(self, key: tuple, relpath: str, generation: int) -> VirtualNode:
+    def virtual_node(self, key: tuple, relpath: str, generation: int, view) -> VirtualNode:
         node = self.virtual.get(key)
         if node is None:
-            node = VirtualNode(self._ino(), key, relpath, generation)
+            node = VirtualNode(self._ino(), key, relpath, generation, view)
             self.virtual[key] = node
             self.by_ino[node.ino] = node
         return node

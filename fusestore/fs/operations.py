@@ -24,11 +24,13 @@ from typing import Awaitable, Callable, TypeVar
 import pyfuse3
 import trio
 
+from fusestore.engine.cache import Cache, CacheError
 from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from fusestore.engine.state import STATE_NAME
 from fusestore.engine.store import Rejected, Stage, Store
 from fusestore.fs.nodes import ROOT_INODE, InodeTable, Node, VirtualNode
-from fusestore.fs.virtual import BACKUPS_NAME, CACHE_NAME, Attrs, BackupsView
+from fusestore.fs.cacheview import CacheReader, CacheView, CacheWriter
+from fusestore.fs.virtual import BACKUPS_NAME, CACHE_NAME, Attrs, BackupsView, GenerationReader
 from fusestore.fs.workers import Workers
 
 log = logging.getLogger("fusestore")
@@ -37,6 +39,7 @@ T = TypeVar("T")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _RESERVED = {STATE_NAME.encode(), BACKUPS_NAME.encode(), CACHE_NAME.encode()}
+_VIRTUAL_NAMES = (BACKUPS_NAME.encode(), CACHE_NAME.encode())
 
 
 def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -48,6 +51,9 @@ def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise
         except Rejected:
             raise pyfuse3.FUSEError(errno.EBADMSG) from None
+        except CacheError as e:
+            log.warning("%s refused: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except (trio.Cancelled, KeyboardInterrupt):
@@ -79,12 +85,7 @@ class DirHandle:
         self.entries: list | None = None
 
 
-class VirtualHandle:
-    __slots__ = ("node", "fd")
-
-    def __init__(self, node: VirtualNode, fd: int):
-        self.node = node
-        self.fd = fd
+VirtualHandle = GenerationReader | CacheReader | CacheWriter
 
 
 class Options:
@@ -100,17 +101,18 @@ class Filesystem(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, options: Options):
+    def __init__(self, store: Store, options: Options, cache: Cache):
         super().__init__()
         self.store = store
         self.options = options
         self.inodes = InodeTable(os.open(".", DIR_FLAGS, dir_fd=store.root_fd))
         self.handles: dict[int, Handle | DirHandle | VirtualHandle] = {}
         self._next_fh = 1
-        self.backups_view = BackupsView(store.backups)
         self.uid = os.geteuid()
         self._refilling = False
         self.workers = Workers()
+        self.backups_view = BackupsView(store.backups)
+        self.cache_view = CacheView(cache, store, self.workers)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -174,7 +176,7 @@ class Filesystem(pyfuse3.Operations):
         """Names that new entries may not take: the state directory, the virtual dirs and the
         names of new files not yet committed."""
         if parent.ino == ROOT_INODE and name in _RESERVED:
-            raise pyfuse3.FUSEError(errno.EEXIST if name == BACKUPS_NAME.encode() else errno.EPERM)
+            raise pyfuse3.FUSEError(errno.EEXIST if name in _VIRTUAL_NAMES else errno.EPERM)
         if name in self.inodes.pending_in(parent):
             raise pyfuse3.FUSEError(errno.EEXIST)
 
@@ -247,6 +249,10 @@ class Filesystem(pyfuse3.Operations):
 
         trio.lowlevel.spawn_system_task(refill)
 
+    def _virtual_root(self, name: bytes) -> tuple[VirtualNode, Attrs]:
+        view = self.backups_view if name == BACKUPS_NAME.encode() else self.cache_view
+        return view.root(self.inodes)
+
     def _virtual(self, ino: int) -> VirtualNode | None:
         node = self.inodes.get(ino)
         return node if isinstance(node, VirtualNode) else None
@@ -257,7 +263,7 @@ class Filesystem(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx):
         vparent = self._virtual(parent_inode)
         if vparent is not None:
-            vnode, st = self.backups_view.lookup(self.inodes, vparent, name)
+            vnode, st = await vparent.view.lookup(self.inodes, vparent, name)
             return self._looked_up(vnode, st)
         parent = self._dir(parent_inode)
         if name == b".":
@@ -266,11 +272,10 @@ class Filesystem(pyfuse3.Operations):
             up = parent.parent or parent
             return self._looked_up(up, os.fstat(up.fd))
         if parent.ino == ROOT_INODE:
-            if name == STATE_NAME.encode() or name == CACHE_NAME.encode():
+            if name == STATE_NAME.encode():
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            if name == BACKUPS_NAME.encode():
-                vnode, st = self.backups_view.root(self.inodes)
-                return self._looked_up(vnode, st)
+            if name in _VIRTUAL_NAMES:
+                return self._looked_up(*self._virtual_root(name))
         pending = self.inodes.pending_in(parent).get(name)
         if pending is not None:
             return self._looked_up(pending, self._stat(pending))
@@ -289,14 +294,23 @@ class Filesystem(pyfuse3.Operations):
     async def getattr(self, inode, ctx):
         vnode = self._virtual(inode)
         if vnode is not None:
-            return self._entry(inode, self.backups_view.stat(vnode))
+            return self._entry(inode, await vnode.view.stat(vnode))
         node = self._node(inode)
         return self._entry(inode, self._stat(node))
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if self._virtual(inode) is not None:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        vnode = self._virtual(inode)
+        if vnode is not None:
+            # Only a file being written in `.cache` changes: its size. Times a copying program
+            # sets afterwards are accepted and dropped (the entry keeps its own times).
+            writer = self.handles.get(fh) if fh is not None else None
+            if not isinstance(writer, CacheWriter) or fields.update_mode or fields.update_uid or fields.update_gid:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            if fields.update_size:
+                await self.cache_view.truncate(writer, attr.st_size)
+            st = await vnode.view.stat(vnode) if not writer.dirty else os.fstat(writer.fd)
+            return self._entry(inode, st)
         node = self._node(inode)
         if fields.update_size:
             await self._truncate(node, attr.st_size, self.handles.get(fh) if fh is not None else None)
@@ -394,6 +408,11 @@ class Filesystem(pyfuse3.Operations):
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
+        vparent = self._virtual(parent_inode)
+        if vparent is not None:
+            if vparent.view is not self.cache_view:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            return self._looked_up(*await self.cache_view.mkdir(self.inodes, vparent, name))
         parent = self._writable_dir(parent_inode)
         self._check_name(parent, name)
         os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.fd)
@@ -528,6 +547,13 @@ class Filesystem(pyfuse3.Operations):
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        vparent = self._virtual(parent_inode)
+        if vparent is not None:
+            if vparent.view is not self.cache_view:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            writer, st = await self.cache_view.create(self.inodes, vparent, name)
+            info = pyfuse3.FileInfo(fh=self._fh(writer), direct_io=True)
+            return info, self._looked_up(writer.node, st)
         parent = self._writable_dir(parent_inode)
         self._check_name(parent, name)
         if flags & os.O_DIRECT:
@@ -566,10 +592,13 @@ class Filesystem(pyfuse3.Operations):
         vnode = self._virtual(inode)
         if vnode is not None:
             if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-                raise pyfuse3.FUSEError(errno.EROFS)
-            fd = self.backups_view.open(vnode)
-            vnode.handles += 1
-            return pyfuse3.FileInfo(fh=self._fh(VirtualHandle(vnode, fd)), direct_io=True)
+                if vnode.view is not self.cache_view:
+                    raise pyfuse3.FUSEError(errno.EROFS)
+                handle = await self.cache_view.open_write(vnode, bool(flags & os.O_TRUNC))
+            else:
+                handle = await vnode.view.open_read(vnode)
+                vnode.handles += 1
+            return pyfuse3.FileInfo(fh=self._fh(handle), direct_io=True)
         if flags & os.O_DIRECT:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return await self._open(self._node(inode), flags)
@@ -630,7 +659,9 @@ class Filesystem(pyfuse3.Operations):
     @_errors
     async def read(self, fh, off, size):
         handle = self.handles[fh]
-        if isinstance(handle, VirtualHandle):
+        if isinstance(handle, (GenerationReader, CacheReader)):
+            return handle.read(off, size)
+        if isinstance(handle, CacheWriter):
             return os.pread(handle.fd, size, off)
         node = handle.node
         if handle.writer and not handle.append:
@@ -646,8 +677,10 @@ class Filesystem(pyfuse3.Operations):
     @_errors
     async def write(self, fh, off, buf):
         handle = self.handles[fh]
-        if isinstance(handle, VirtualHandle):
-            raise pyfuse3.FUSEError(errno.EROFS)
+        if isinstance(handle, CacheWriter):
+            return await self.cache_view.write(handle, off, buf)
+        if isinstance(handle, (GenerationReader, CacheReader)):
+            raise pyfuse3.FUSEError(errno.EBADF)
         if not handle.writer:
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.append:
@@ -666,6 +699,9 @@ class Filesystem(pyfuse3.Operations):
     @_errors
     async def flush(self, fh):
         handle = self.handles.get(fh)
+        if isinstance(handle, CacheWriter):
+            await self.cache_view.flush(handle)
+            return
         if not isinstance(handle, Handle) or not handle.writer or handle.append:
             return
         node = handle.node
@@ -684,7 +720,9 @@ class Filesystem(pyfuse3.Operations):
     @_errors
     async def fsync(self, fh, datasync):
         handle = self.handles[fh]
-        if isinstance(handle, Handle):
+        if isinstance(handle, CacheWriter):
+            await self.workers.run(os.fsync, handle.fd)
+        elif isinstance(handle, Handle):
             if handle.append:
                 await self.workers.run(os.fsync, handle.fd)
             elif handle.node.stage is not None:
@@ -693,8 +731,12 @@ class Filesystem(pyfuse3.Operations):
     @_errors
     async def release(self, fh):
         handle = self.handles.pop(fh)
-        if isinstance(handle, VirtualHandle):
-            os.close(handle.fd)
+        if isinstance(handle, CacheWriter):
+            await self.cache_view.release(self.inodes, handle)
+            return
+        if isinstance(handle, (GenerationReader, CacheReader)):
+            if handle.fd is not None:
+                os.close(handle.fd)
             handle.node.handles -= 1
             self.inodes.maybe_free(handle.node)
             return
@@ -788,12 +830,12 @@ class Filesystem(pyfuse3.Operations):
         node = handle.node
         if isinstance(node, VirtualNode):
             if handle.entries is None or start_id == 0:
-                handle.entries = self.backups_view.listing(node)
+                handle.entries = await node.view.listing(node)
             for i in range(start_id, len(handle.entries)):
                 name = handle.entries[i]
                 try:
-                    vnode, st = self.backups_view.lookup(self.inodes, node, name)
-                except OSError:
+                    vnode, st = await node.view.lookup(self.inodes, node, name)
+                except (OSError, pyfuse3.FUSEError):
                     continue
                 if not pyfuse3.readdir_reply(token, name, self._entry(vnode.ino, st), i + 1):
                     self.inodes.maybe_free(vnode)
@@ -805,7 +847,7 @@ class Filesystem(pyfuse3.Operations):
             if node.ino == ROOT_INODE:
                 names = [n for n in names if n not in _RESERVED]
                 if self.options.show_virtual:
-                    names.append(BACKUPS_NAME.encode())
+                    names.extend(_VIRTUAL_NAMES)
             listed = set(names)
             names.extend(n for n in self.inodes.pending_in(node) if n not in listed)
             names.sort()
@@ -813,8 +855,8 @@ class Filesystem(pyfuse3.Operations):
         for i in range(start_id, len(handle.entries)):
             name = handle.entries[i]
             pending = self.inodes.pending_in(node).get(name)
-            if node.ino == ROOT_INODE and name == BACKUPS_NAME.encode():
-                child, st = self.backups_view.root(self.inodes)
+            if node.ino == ROOT_INODE and name in _VIRTUAL_NAMES:
+                child, st = self._virtual_root(name)
             elif pending is not None:
                 child, st = pending, self._stat(pending)
             else:

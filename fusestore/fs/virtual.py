@@ -47,9 +47,12 @@ class BackupsView:
         return Attrs(_DIR_MODE, 2, os.getuid(), os.getgid(), 0, t, t, t)
 
     def root(self, inodes: InodeTable) -> tuple[VirtualNode, Attrs]:
-        return inodes.virtual_node(("dir", ""), "", 0), self._dir_stat()
+        return inodes.virtual_node(("dir", ""), "", 0, self), self._dir_stat()
 
-    def stat(self, node: VirtualNode) -> Attrs:
+    async def stat(self, node: VirtualNode) -> Attrs:
+        return self._stat(node)
+
+    def _stat(self, node: VirtualNode) -> Attrs:
         if node.generation == 0:
             if node.relpath and not self.backups.is_dir(node.relpath):
                 raise FileNotFoundError(errno.ENOENT, "no backups there")
@@ -58,7 +61,7 @@ class BackupsView:
         mode = stat.S_IFREG | (stat.S_IMODE(st.st_mode) & ~0o7222)
         return Attrs(mode, 1, st.st_uid, st.st_gid, st.st_size, st.st_atime_ns, superseded, superseded)
 
-    def lookup(self, inodes: InodeTable, parent: VirtualNode, name: bytes) -> tuple[VirtualNode, Attrs]:
+    async def lookup(self, inodes: InodeTable, parent: VirtualNode, name: bytes) -> tuple[VirtualNode, Attrs]:
         if parent.generation:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         text = os.fsdecode(name)
@@ -66,23 +69,33 @@ class BackupsView:
             raise pyfuse3.FUSEError(errno.EINVAL)
         relpath = f"{parent.relpath}/{text}" if parent.relpath else text
         if text.isdigit() and parent.relpath and int(text) >= 1:
-            node = inodes.virtual_node(("gen", parent.relpath, int(text)), parent.relpath, int(text))
+            node = inodes.virtual_node(("gen", parent.relpath, int(text)), parent.relpath, int(text), self)
             try:
-                return node, self.stat(node)
+                return node, self._stat(node)
             except FileNotFoundError:
                 inodes.maybe_free(node)
         if not self.backups.is_dir(relpath):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        node = inodes.virtual_node(("dir", relpath), relpath, 0)
+        node = inodes.virtual_node(("dir", relpath), relpath, 0, self)
         return node, self._dir_stat()
 
-    def listing(self, node: VirtualNode) -> list[bytes]:
+    async def listing(self, node: VirtualNode) -> list[bytes]:
         names, count = self.backups.listing(node.relpath)
         if not node.relpath:
             count = 0
         return [str(n).encode() for n in range(1, count + 1)] + [os.fsencode(n) for n in names]
 
-    def open(self, node: VirtualNode) -> int:
+    async def open_read(self, node: VirtualNode) -> "GenerationReader":
         if node.generation == 0:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        return self.backups.open_generation(node.relpath, node.generation)
+        return GenerationReader(node, self.backups.open_generation(node.relpath, node.generation))
+
+
+class GenerationReader:
+    __slots__ = ("node", "fd")
+
+    def __init__(self, node: VirtualNode, fd: int):
+        self.node, self.fd = node, fd
+
+    def read(self, off: int, size: int) -> bytes:
+        return os.pread(self.fd, size, off)
