@@ -18,6 +18,7 @@ from fusestore import control
 from fusestore.engine import validate
 from fusestore.engine.state import STATE_NAME, Busy
 from fusestore.engine.store import Rejected, Store
+from fusestore.trees import TreeNotFound, find_tree, fusestore_mounts, mount_of
 
 
 class CommandError(Exception):
@@ -25,41 +26,6 @@ class CommandError(Exception):
 
 
 # -- finding trees and mounts ------------------------------------------------------------------
-
-
-def _unescape_mountinfo(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def fusestore_mounts() -> list[tuple[str, str]]:
-    """(mountpoint, backing) of every fusestore mount on this machine."""
-    result = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(rfields) >= 2 and rfields[0] == "fuse.fusestore":
-                result.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(rfields[1])))
-    return result
-
-
-def mount_of(path: str) -> tuple[str, str] | None:
-    """The fusestore mount that holds `path` (mountpoint, backing), or None."""
-    real = os.path.realpath(path)
-    best = None
-    for mountpoint, backing in fusestore_mounts():
-        if real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/"):
-            if best is None or len(mountpoint) > len(best[0]):
-                best = (mountpoint, backing)
-    return best
 
 
 def locate(path: str) -> tuple[str, str, str | None]:
@@ -318,6 +284,139 @@ def _copy_through_mount(src: int, target: str, relpath: str) -> None:
         raise CommandError(f"cannot commit {target}: {e.strerror}") from None
 
 
+# -- the cache --------------------------------------------------------------------------------
+
+
+def _params(pairs: list[str]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            raise CommandError(f"--param wants NAME=VALUE, not {pair!r}")
+        params[name] = value
+    return params
+
+
+def _open_cache(args):
+    from fusestore import cache
+    from fusestore.engine.cache import CacheError
+
+    try:
+        return cache.open(args.root)
+    except (TreeNotFound, config_mod.ConfigError, CacheError) as e:
+        raise CommandError(str(e)) from None
+
+
+def _cache_call(fn, *a, **kw):
+    from fusestore.engine.cache import CacheError
+
+    try:
+        return fn(*a, **kw)
+    except CacheError as e:
+        raise CommandError(str(e)) from None
+
+
+def _print_json(value) -> None:
+    sys.stdout.buffer.write(msgspec.json.encode(value) + b"\n")
+
+
+def cmd_cache_key(args) -> int:
+    from fusestore.engine.jskey import cache_key
+
+    print(cache_key(args.url, _params(args.param)))
+    return 0
+
+
+def cmd_cache_get(args) -> int:
+    with _open_cache(args) as c:
+        entry = _cache_call(c.get, args.url, _params(args.param), args.type)
+        if entry is None:
+            return 1
+        if args.json:
+            _print_json(entry.to_json())
+        else:
+            print(entry.path)
+    return 0
+
+
+def cmd_cache_put(args) -> int:
+    if not os.path.isfile(args.file):
+        raise CommandError(f"{args.file} is not a file")
+    with _open_cache(args) as c:
+        entry = _cache_call(c.put, args.url, args.file, args.type, params=_params(args.param), tags=args.tag,
+                            file=args.name)
+        if args.json:
+            _print_json(entry.to_json())
+        else:
+            print(entry.path)
+    return 0
+
+
+def cmd_cache_ls(args) -> int:
+    from fusestore.engine.cache import iso
+
+    with _open_cache(args) as c:
+        entries = list(_cache_call(c.entries, args.type))
+    if args.json:
+        _print_json([e.to_json() for e in entries])
+        return 0
+    for e in entries:
+        print(f"{e.type:5} {e.key}  {_size(e.size):>10}  used {e.usage_count:>4}x  "
+              f"expires {iso(e.expires_at)[:10]}  {e.metadata.get('url') or ''}")
+    return 0
+
+
+def cmd_cache_stats(args) -> int:
+    with _open_cache(args) as c:
+        stats = c.stats()
+    if args.json:
+        _print_json(stats)
+        return 0
+    print(f"cache:   {stats.dir}")
+    print(f"size:    {_size(stats.total_bytes)} of {_size(stats.max_bytes)}")
+    for kind, t in stats.types.items():
+        print(f"{kind + ':':8} {t.entries} entries, {_size(t.bytes)}; {t.hits} hits, {t.misses} misses, "
+              f"{t.inserts} inserts, {t.evictions} evicted, {t.expired} expired")
+    return 0
+
+
+def cmd_cache_clear(args) -> int:
+    with _open_cache(args) as c:
+        count = _cache_call(c.clear, args.type)
+    print(f"removed {count} entr{'y' if count == 1 else 'ies'}")
+    return 0
+
+
+def cmd_cache_acquire(args) -> int:
+    with _open_cache(args) as c:
+        while True:
+            slot = _cache_call(c.acquire, args.provider, args.limit, args.per)
+            if slot.allowed or not args.wait:
+                break
+            time.sleep(min(slot.wait, 60) + 0.01)
+    if args.json:
+        _print_json({"allowed": slot.allowed, "wait": slot.wait, "used": slot.used, "limit": slot.limit})
+    elif not slot.allowed:
+        print(f"{args.provider}: limit of {args.limit} per {args.per:g}s reached; next slot in {slot.wait:.1f}s")
+    return 0 if slot.allowed else 1
+
+
+def cmd_gc(args) -> int:
+    from fusestore.engine.cache import Cache, CacheError, directory
+
+    backing = os.path.abspath(args.backing)
+    if not os.path.isdir(backing):
+        raise CommandError(f"{args.backing} is not a directory")
+    try:
+        config = config_mod.load(backing)
+        with Cache(directory(backing, config.cache), config.cache, verify=True) as c:
+            expired = c.gc()
+    except (config_mod.ConfigError, CacheError) as e:
+        raise CommandError(str(e)) from None
+    print(f"cache: removed {expired} expired entr{'y' if expired == 1 else 'ies'}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -356,6 +455,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--generation", "-g", type=int, default=1, metavar="N")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("gc", help="drop expired cache entries")
+    p.add_argument("backing", metavar="BACKING")
+    p.set_defaults(func=cmd_gc)
+
+    cache = sub.add_parser("cache", help="the media and TTS cache").add_subparsers(
+        dest="cache_command", required=True, metavar="CACHE_COMMAND")
+
+    def cache_cmd(name: str, func, help: str, url: bool = False, json: bool = True) -> argparse.ArgumentParser:
+        p = cache.add_parser(name, help=help)
+        p.add_argument("--root", metavar="DIR", help="a backing tree or a mount of one (default: from the cwd)")
+        if url:
+            p.add_argument("url", metavar="URL")
+            p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                           help="a request parameter that is part of the key (string value)")
+        if json:
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+        return p
+
+    p = cache_cmd("key", cmd_cache_key, "the cache key of URL and params (md5, as the TypeScript pipeline computes it)",
+                  url=True, json=False)
+    p = cache_cmd("get", cmd_cache_get, "print the data path of a cached entry; exit 1 on a miss", url=True)
+    p.add_argument("--type", choices=("media", "tts"), default="media")
+    p = cache_cmd("put", cmd_cache_put, "cache FILE as the entry of URL; print its data path", url=True)
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--type", choices=("media", "tts"), required=True)
+    p.add_argument("--tag", action="append", default=[], metavar="TAG")
+    p.add_argument("--name", metavar="NAME", help="the data file's name in the entry (default: data + FILE's extension)")
+    p = cache_cmd("ls", cmd_cache_ls, "list live entries")
+    p.add_argument("--type", choices=("media", "tts"))
+    cache_cmd("stats", cmd_cache_stats, "entries, bytes, hits, misses, evictions per type")
+    p = cache_cmd("clear", cmd_cache_clear, "remove every entry (of one type)", json=False)
+    p.add_argument("--type", choices=("media", "tts"))
+    p = cache_cmd("acquire", cmd_cache_acquire,
+                  "take a slot of a sliding-window rate limit; exit 1 (and say when) if none is free")
+    p.add_argument("provider", metavar="PROVIDER")
+    p.add_argument("--limit", type=int, required=True, metavar="N", help="calls allowed per window")
+    p.add_argument("--per", type=float, required=True, metavar="SECONDS", help="the window")
+    p.add_argument("--wait", action="store_true", help="wait for a free slot instead of failing")
     return parser
 
 
@@ -364,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CommandError as e:
-        print(f"fusestore {args.command}: {e}", file=sys.stderr)
+        name = args.command + (f" {args.cache_command}" if args.command == "cache" else "")
+        print(f"fusestore {name}: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"fusestore {args.command}: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)

@@ -11,12 +11,17 @@ import datetime
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from fusestore.config import Cache as CacheConfig
+from fusestore.engine.cache import Cache
+from fusestore.engine.jskey import cache_key
 
 DOC = json.dumps({"title": "x" * 3900, "segments": [1, 2, 3]}).encode()  # about 4 KiB
 
@@ -119,6 +124,79 @@ def unmount(mnt: str) -> None:
     subprocess.run([sys.executable, "-m", "fusestore", "unmount", mnt], check=True)
 
 
+def fill_cache(root: str, n: int) -> list[str]:
+    """n entries written straight into the spec's layout (as an existing cache would be), then
+    indexed by opening it; returns their URLs."""
+    urls = [f"https://cdn.example.com/{i}.jpg" for i in range(n)]
+    for url in urls:
+        d = os.path.join(root, "media", cache_key(url))
+        os.makedirs(d)
+        with open(os.path.join(d, "image.jpg"), "wb") as f:
+            f.write(b"x" * 512)
+        with open(os.path.join(d, "metadata.json"), "w") as f:
+            json.dump({"url": url, "tags": [], "cachedAt": "2026-01-01T00:00:00.000Z",
+                       "expiresAt": "2099-01-01T00:00:00.000Z"}, f)
+    Cache(root).close()
+    return urls
+
+
+def spec_get(root: str, url: str) -> str | None:
+    """The spec's CacheManager.get on the plain directory: metadata exists? read it, check
+    expiry, find the data file."""
+    d = os.path.join(root, "media", cache_key(url))
+    meta = os.path.join(d, "metadata.json")
+    if not os.path.exists(meta):
+        return None
+    with open(meta) as f:
+        json.load(f)
+    return next((os.path.join(d, n) for n in os.listdir(d) if n != "metadata.json"), None)
+
+
+def per_op(fn, items) -> float:
+    t = time.perf_counter()
+    for item in items:
+        fn(item)
+    return (time.perf_counter() - t) / len(items) * 1e6
+
+
+def cache_rows(work: str, sizes: list[int], probes: int) -> list[dict]:
+    """Lookups by URL at each cache size (API hit and miss, the spec's file lookup, and a stat
+    through the mount), and inserts under eviction pressure."""
+    rows = []
+    for n in sizes:
+        backing, mnt = os.path.join(work, f"cache{n}"), os.path.join(work, f"cache{n}-mnt")
+        os.makedirs(mnt)
+        root = os.path.join(backing, ".fusestore", "cache")
+        urls = fill_cache(root, n)
+        sample = random.Random(n).sample(urls, min(probes, n))
+        misses = [f"https://cdn.example.com/missing/{i}" for i in range(len(sample))]
+        with Cache(root) as c:
+            hit = per_op(lambda u: c.get(u), sample)
+            miss = per_op(lambda u: c.get(u), misses)
+        spec = per_op(lambda u: spec_get(root, u), sample)
+        mount(backing, mnt)
+        try:
+            through = per_op(lambda u: os.stat(os.path.join(mnt, ".cache/media", cache_key(u), "image.jpg")), sample)
+        finally:
+            unmount(mnt)
+        rows.append({"entries": n, "api_hit_us": hit, "api_miss_us": miss, "spec_lookup_us": spec,
+                     "mount_stat_us": through})
+    # Inserts that each evict: the limit holds about 200 entries of 16 KiB.
+    root = os.path.join(work, "evict-cache")
+    with Cache(root, CacheConfig(max_size=200 * 17 * 1024)) as c:
+        body = b"y" * 16384
+        for i in range(250):
+            c.put(f"https://warm/{i}", body, "media")
+        count = 300 if probes < 1000 else 1000
+        t = time.perf_counter()
+        for i in range(count):
+            c.put(f"https://evict/{i}", body, "media")
+        rate = count / (time.perf_counter() - t)
+        evictions = c.stats().types["media"].evictions
+    rows.append({"inserts_per_s": rate, "evictions": evictions, "inserted": count})
+    return rows
+
+
 def interleaved(fns, repeats: int) -> list[float]:
     """Median time of each function, run in turns (a, b, a, b, ...) so that drift in the
     machine's disk and CPU weighs on all of them alike."""
@@ -185,11 +263,12 @@ def main() -> int:
             pair(f"ls -lR of {many} files", lambda: list_recursive(plain), lambda: list_recursive(mnt))
         finally:
             unmount(mnt)
+        cache = cache_rows(work, [1000, 10_000] if args.quick else [1000, 100_000], 200 if args.quick else 2000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"rows": rows, "cache": cache}, indent=2))
         return 0
     when = datetime.date.today().isoformat()
     print(f"fusestore bench, {when}, {platform.node() and 'this machine'}: {os.cpu_count()} cores, "
@@ -202,6 +281,19 @@ def main() -> int:
         target = f"{r['target']:.2f}x" if r["target"] else ""
         met = ("yes" if r["ratio"] >= r["target"] else "NO") if r["target"] else ""
         print(f"| {r['workload']:58} | {r['plain_s']:8.3f}s | {r['fusestore_s']:8.3f}s | {r['ratio']:5.2f}x | {target:>6} | {met:3} |")
+    print()
+    print("Cache lookups by URL, microseconds per lookup (the spec's lookup reads metadata.json and lists the entry")
+    print("on the plain directory; the API counts every hit as a use, a write to the index):")
+    print()
+    print(f"| {'entries':>8} | {'API hit':>8} | {'API miss':>8} | {'spec lookup, plain':>18} | {'stat through mount':>18} |")
+    print(f"|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 20}|{'-' * 20}|")
+    for r in cache[:-1]:
+        print(f"| {r['entries']:>8} | {r['api_hit_us']:6.0f}us | {r['api_miss_us']:6.0f}us | "
+              f"{r['spec_lookup_us']:16.0f}us | {r['mount_stat_us']:16.0f}us |")
+    last = cache[-1]
+    print()
+    print(f"Inserts of 16 KiB entries into a full cache (each evicts the least recently used): "
+          f"{last['inserts_per_s']:.0f}/s, {last['evictions']} evictions for {last['inserted']} inserts.")
     return 0
 
 

@@ -93,6 +93,12 @@ def main() -> int:
     sh(f"grep status {project}/metadata.json   # unchanged", mnt)
     sh(f"ls .backups/{project}/metadata.json && cat .backups/{project}/metadata.json/1 | grep status", mnt)
     sh(f"fusestore backups {project}/metadata.json", mnt)
+    url = "https://images.example.com/octopus.jpg"
+    sh(f"key=$(fusestore cache key {url}) && mkdir -p .cache/media/$key && "
+       f"head -c 20000 /dev/urandom > .cache/media/$key/image.jpg && "
+       f"echo '{{\"url\": \"{url}\", \"tags\": [\"octopus\"]}}' > .cache/media/$key/metadata.json && "
+       f"ls -l .cache/media/$key", mnt)
+    sh(f"fusestore cache get {url} && fusestore cache stats", mnt)
     sh("fusestore status", mnt)
     if once:
         subprocess.run([*fusestore, "unmount", mnt])
@@ -106,6 +112,7 @@ The demo tree stays mounted on {mnt} until you press Ctrl-C. Things to try in an
   echo '{{oops' > timeline.json                        # rejected: timeline.json is unchanged
   ls ../../../.backups/{project}/scripts/tags.json    # backup generations 1, 2, 3
   fusestore restore scripts/tags.json                # undo (fusestore is in .venv/bin)
+  ls {mnt}/.cache/media; fusestore cache ls           # the media/TTS cache
   fusestore status""")
     try:
         daemon.wait()
