@@ -183,6 +183,12 @@ def cmd_status(args) -> int:
         f" ({s.quarantined} this run, {s.recovered_at_mount} recovered at mount)",
         f"backups:      {s.backup_files} file(s), {s.backup_generations} generation(s), {_size(s.backup_bytes)}",
     ]
+    if s.cache is not None:
+        c = s.cache
+        hits = sum(t.hits for t in c.types.values())
+        misses = sum(t.misses for t in c.types.values())
+        lines.append(f"cache:        {' + '.join(f'{t.entries} {k}' for k, t in c.types.items())} entries, "
+                     f"{_size(c.total_bytes)} of {_size(c.max_bytes)}; {hits} hits, {misses} misses")
     for r in s.recent_rejections[-5:]:
         lines.append(f"  rejected {_when(r.time)} {r.path}: {r.reason}")
     print("\n".join(lines))

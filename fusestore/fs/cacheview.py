@@ -91,6 +91,11 @@ class CacheView:
     def root(self, inodes: InodeTable) -> tuple[VirtualNode, Attrs]:
         return self._node(inodes, ()), self._attrs(_DIR)
 
+    @staticmethod
+    def fixed(node: VirtualNode) -> bool:
+        """`.cache` and its type directories never change: the kernel may cache them."""
+        return len(node.key) == 1 or (len(node.key) == 2 and node.key[1] in TYPES)
+
     async def stat(self, node: VirtualNode) -> Attrs:
         return await self.workers.run(self._stat, node.key[1:])
 

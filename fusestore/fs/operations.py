@@ -140,8 +140,10 @@ class Filesystem(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
         e.generation = 0
-        if isinstance(self.inodes.get(ino), VirtualNode):
-            # Generation N changes content with every commit: never let the kernel cache it.
+        node = self.inodes.get(ino)
+        if isinstance(node, VirtualNode) and not node.view.fixed(node):
+            # Generation N changes content with every commit, cache entries come and go: never
+            # let the kernel cache them.
             e.entry_timeout = e.attr_timeout = 0
         else:
             e.entry_timeout = self.options.entry_timeout

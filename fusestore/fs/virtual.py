@@ -49,6 +49,11 @@ class BackupsView:
     def root(self, inodes: InodeTable) -> tuple[VirtualNode, Attrs]:
         return inodes.virtual_node(("dir", ""), "", 0, self), self._dir_stat()
 
+    @staticmethod
+    def fixed(node: VirtualNode) -> bool:
+        """Whether the kernel may cache the node's name and attributes (only `.backups` itself)."""
+        return node.key == ("dir", "")
+
     async def stat(self, node: VirtualNode) -> Attrs:
         return self._stat(node)
 
