@@ -86,3 +86,14 @@ def test_shell_redirection_of_bad_json_is_visible_in_status(mount):
     subprocess.run(["bash", "-c", f"echo '{{broken' > {mount / 'x.json'}"])
     assert json.loads((mount / "x.json").read_text()) == {"ok": 1}
     assert mount.status()["rejections"] == 1
+
+
+def test_a_new_file_rejected_again_and_again_gets_ebadmsg_each_time(mount):
+    # The kernel must forget a refused new file's name before close() returns; otherwise the
+    # next open of the same name reached the old, nameless node and write() failed with EIO.
+    for _ in range(30):
+        err = close_error(mount / "fresh.json", b"{not json")
+        assert err is not None and err.errno == errno.EBADMSG
+    assert not (mount / "fresh.json").exists()
+    write_json(mount / "fresh.json", {"finally": "valid"})
+    assert json.loads((mount / "fresh.json").read_text()) == {"finally": "valid"}

@@ -16,6 +16,7 @@ wrong place.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Iterator
 
@@ -50,7 +51,7 @@ class Node:
     @property
     def location(self) -> tuple["Node", bytes]:
         if self.parent is None:
-            raise FileNotFoundError("the file has no name any more")
+            raise FileNotFoundError(errno.ENOENT, "the file has no name any more")
         return self.parent, self.name
 
     def relpath(self) -> str:

@@ -224,6 +224,13 @@ class Filesystem(pyfuse3.Operations):
         return f"{base}/{os.fsdecode(name)}" if base else os.fsdecode(name)
 
     @staticmethod
+    def _invalidate_entry(parent_ino: int, name: bytes) -> None:
+        try:
+            pyfuse3.invalidate_entry(parent_ino, name)
+        except OSError:
+            pass  # the kernel does not have the name cached
+
+    @staticmethod
     def _invalidate_attrs(ino: int) -> None:
         try:
             pyfuse3.invalidate_inode(ino, True)
@@ -298,7 +305,17 @@ class Filesystem(pyfuse3.Operations):
         if vnode is not None:
             return self._entry(inode, await vnode.view.stat(vnode))
         node = self._node(inode)
-        return self._entry(inode, self._stat(node))
+        try:
+            return self._entry(inode, self._stat(node))
+        except FileNotFoundError:
+            if node.parent is not None and not node.pending:
+                # Removed in the backing tree behind our back: drop the kernel's cached name
+                # too, so that the next open(O_CREAT) of it creates the file instead of
+                # reaching this node.
+                parent, name = node.location
+                self.inodes.unplace(node)
+                pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
+            raise
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -784,9 +801,11 @@ class Filesystem(pyfuse3.Operations):
                 await self.workers.run(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty)
             except Rejected:
                 if node.pending:
-                    # A new file whose first content is refused never existed.
+                    # A new file whose first content is refused never existed. The kernel must
+                    # forget the name before close() returns, or the writer's next open of the
+                    # same name would reach this node instead of creating the file anew.
                     self.inodes.unplace(node)
-                    pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
+                    await self.workers.run(self._invalidate_entry, parent.ino, name)
                 raise
             self.inodes.committed(node)
 
