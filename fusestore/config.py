@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import tomllib
+from pathlib import PurePosixPath
 from typing import Literal
 
 import msgspec
@@ -25,15 +26,30 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """How writes to the paths matching `glob` are handled.
 
     A glob without a slash matches the file name in any directory; a glob with a slash matches
-    the whole path relative to the backing tree (`*` also crosses directories there).
+    the whole path relative to the backing tree (`*` also crosses directories there); a glob
+    that starts with `**/` matches the trailing components of the path, one `*` per component
+    (`**/project-*/timeline.json`). `schema` names a document type (see engine.schemas) that the
+    content must match; it implies `validate = "json"`.
     """
 
     glob: str
     validate: Literal["json", "none"] = "none"
     backups: bool = True
     mode: Literal["staged", "append"] = "staged"
+    schema: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.schema is not None:
+            from fusestore.engine.schemas import TYPES
+
+            if self.schema not in TYPES:
+                raise ValueError(f"rule {self.glob!r}: unknown schema {self.schema!r} (known: {', '.join(TYPES)})")
+            if self.validate != "json":
+                object.__setattr__(self, "validate", "json")
 
     def matches(self, relpath: str) -> bool:
+        if self.glob.startswith("**/"):
+            return PurePosixPath(relpath).match(self.glob[3:])
         if "/" in self.glob:
             return fnmatch.fnmatchcase(relpath, self.glob)
         return fnmatch.fnmatchcase(relpath.rpartition("/")[2], self.glob)
@@ -41,10 +57,13 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class Backups(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     keep: int = 3  # generations kept per file
+    max_age_days: float = 7.0  # `gc` drops older generations, but never generation 1 of a live file
 
     def __post_init__(self) -> None:
         if self.keep < 1:
             raise ValueError("backups.keep must be at least 1")
+        if self.max_age_days <= 0:
+            raise ValueError("backups.max_age_days must be positive")
 
 
 class Mount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -100,7 +119,14 @@ class Cache(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return (self.media_days if kind == "media" else self.tts_days) * 86400.0
 
 
+def _schema_rules() -> tuple[Rule, ...]:
+    from fusestore.engine.schemas import BINDINGS
+
+    return tuple(Rule(glob=glob, validate="json", schema=name) for glob, name in BINDINGS)
+
+
 DEFAULT_RULES: tuple[Rule, ...] = (
+    *_schema_rules(),
     Rule(glob="*.log", mode="append", backups=False),
     Rule(glob="*.json", validate="json"),
     Rule(glob="*"),

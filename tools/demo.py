@@ -44,7 +44,8 @@ def make_tree(backing: str) -> None:
     digest = hashlib.md5(image).hexdigest()
     with open(os.path.join(root, f"assets/images/{digest}.jpg"), "wb") as f:
         f.write(image)
-    put(f"assets/images/{digest}.metadata.json", {"url": "https://example.invalid/octopus.jpg", "tags": ["octopus"]})
+    put(f"assets/images/{digest}.metadata.json", {"version": "1.0", "url": "https://example.invalid/octopus.jpg",
+                                                  "tags": ["octopus"]})
     with open(os.path.join(root, "assets/audio/seg-1.mp3"), "wb") as f:
         f.write(b"ID3" + os.urandom(1024))
     put("assets/audio/seg-1.timestamps.json", {"version": "1.0", "words": [{"word": "Octopuses", "start": 0.0, "end": 0.6}]})

@@ -42,6 +42,15 @@ _POOL_MODE = 0o600
 _STAGE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
+def project_of(relpath: str) -> str | None:
+    """The project directory (nearest `project-*` ancestor) that holds `relpath`, or None."""
+    parts = relpath.split("/")
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i].startswith("project-"):
+            return "/".join(parts[: i + 1])
+    return None
+
+
 class Rejected(Exception):
     """Content failed its rule; it was kept in the quarantine."""
 
@@ -197,7 +206,7 @@ class Store:
         `keep_empty=False` says the current content, if empty, is only an intermediate state of
         the same writer (a shell's `>` before the command wrote) and needs no backup."""
         rule = self.rule(relpath)
-        reason = validate.check(rule.validate, stage.fd)
+        reason = self.check_fd(relpath, stage.fd)
         if reason is not None:
             self.reject(stage, relpath, reason)
         try:
@@ -228,7 +237,7 @@ class Store:
         log.debug("committed %s", relpath)
 
     def reject(self, stage: Stage, relpath: str, reason: str) -> None:
-        quarantined = self.quarantine(stage, relpath, reason)
+        quarantined = self.quarantine(stage, relpath, reason, report=False)
         raise self.rejected(relpath, reason, quarantined)
 
     def rejected(self, relpath: str, reason: str, quarantined: str | None) -> Rejected:
@@ -238,10 +247,12 @@ class Store:
         self.stats.recent_rejections = (self.stats.recent_rejections + [record])[-20:]
         kept = f"bytes kept in quarantine as {quarantined}" if quarantined else "nothing was changed"
         log.warning("rejected %s: %s (%s)", relpath, reason, kept)
+        self.project_event(relpath, "errors.log", "error", "rejected", reason=reason, quarantined=quarantined)
         return Rejected(relpath, reason, quarantined)
 
-    def quarantine(self, stage: Stage, relpath: str, reason: str) -> str | None:
-        """Move the staged bytes to `state/quarantine/` with a `.reason` record; consumes `stage`."""
+    def quarantine(self, stage: Stage, relpath: str, reason: str, report: bool = True) -> str | None:
+        """Move the staged bytes to `state/quarantine/` with a `.reason` record; consumes `stage`.
+        With `report`, the project's warnings.log hears of it (a rejection reports itself)."""
         if os.fstat(stage.fd).st_size == 0:
             self.discard(stage)
             return None
@@ -256,7 +267,36 @@ class Store:
         os.close(stage.fd)
         self._write_reason(name, relpath, reason)
         self.stats.quarantined += 1
+        if report:
+            self.project_event(relpath, "warnings.log", "warning", "quarantined", reason=reason, quarantined=name)
         return name
+
+    def project_event(self, relpath: str, log_name: str, level: str, event: str, **fields) -> None:
+        """Append one JSON line about `relpath` to `<project>/logs/<log_name>` when the path is
+        in a project (a `project-*` directory) that has a logs directory. One write() with
+        O_APPEND, so a pipeline appending to the same file through the mount never sees its
+        lines cut."""
+        project = project_of(relpath)
+        if project is None:
+            return
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "level": level,
+                  "source": "fusestore", "event": event, "path": relpath[len(project) + 1:], **fields}
+        line = msgspec.json.encode(record) + b"\n"
+        try:
+            dfd = open_dir(self.root_fd, components(project + "/logs"))
+        except OSError:
+            return
+        try:
+            fd = os.open(log_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=dfd)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warning("could not append to %s/logs/%s: %s", project, log_name, e.strerror or e)
+        finally:
+            os.close(dfd)
 
     def quarantine_name(self, relpath: str) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -304,16 +344,21 @@ class Store:
         self.stats.backups_kept += 1
         return True
 
+    def check_fd(self, relpath: str, fd: int) -> str | None:
+        """Why the content of `fd` may not stand at `relpath` (its rule's validation and
+        schema), or None."""
+        rule = self.rule(relpath)
+        return validate.check(rule.validate, fd, rule.schema)
+
     def check_file(self, dir_fd: int, name: str | bytes, relpath: str) -> str | None:
         """Why the committed file `name` may not stand at `relpath`, or None."""
-        kind = self.rule(relpath).validate
-        if kind == "none":
+        if self.rule(relpath).validate == "none":
             return None
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
-            return validate.check(kind, fd)
+            return self.check_fd(relpath, fd)
         finally:
             os.close(fd)
 
@@ -339,6 +384,12 @@ class Store:
         return open_dir(self.root_fd, parts[:-1], create=True), parts[-1]
 
     # -- recovery --------------------------------------------------------------------------
+
+    def leftover_stages(self) -> list[str]:
+        """The paths whose staged data is waiting in `staging/` (meaningful when no daemon
+        serves the tree: a live daemon's stages belong to open files)."""
+        return sorted(self._parse_stage_name(n) for n in os.listdir(self.state.staging_fd)
+                      if not n.endswith(_PATH_SUFFIX) and not n.startswith(_POOL_PREFIX))
 
     def recover(self) -> list[tuple[str, str | None]]:
         """Move staged files left by a crash to the quarantine. Returns (path, quarantine name)

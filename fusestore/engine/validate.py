@@ -81,14 +81,24 @@ def json_error(data) -> str | None:
     return _utf8_error(data)
 
 
-def check(kind: str, fd: int) -> str | None:
-    """Validate the whole content of the open file `fd` for rule kind `kind`."""
+def check(kind: str, fd: int, schema: str | None = None) -> str | None:
+    """Validate the whole content of the open file `fd` for rule kind `kind` and, when given,
+    the document `schema` (see engine.schemas)."""
     if kind == "none":
         return None
+    if kind != "json":
+        raise ValueError(f"unknown validation kind {kind!r}")
     size = os.fstat(fd).st_size
     if size <= _SMALL:
-        return json_error(os.pread(fd, size, 0))
+        return _json_and_schema(os.pread(fd, size, 0), schema)
     with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
-        if kind == "json":
-            return json_error(data)
-    raise ValueError(f"unknown validation kind {kind!r}")
+        return _json_and_schema(data, schema)
+
+
+def _json_and_schema(data, schema: str | None) -> str | None:
+    reason = json_error(data)
+    if reason is None and schema is not None:
+        from fusestore.engine import schemas
+
+        reason = schemas.check(schema, data)
+    return reason
