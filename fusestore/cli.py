@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -15,10 +16,9 @@ import msgspec
 
 from fusestore import config as config_mod
 from fusestore import control
-from fusestore.engine import validate
 from fusestore.engine.state import STATE_NAME, Busy
 from fusestore.engine.store import Rejected, Store
-from fusestore.trees import TreeNotFound, find_tree, fusestore_mounts, mount_of
+from fusestore.trees import TreeNotFound, TreeWriter, find_tree, fusestore_mounts, mount_of
 
 
 class CommandError(Exception):
@@ -189,6 +189,14 @@ def cmd_status(args) -> int:
         misses = sum(t.misses for t in c.types.values())
         lines.append(f"cache:        {' + '.join(f'{t.entries} {k}' for k, t in c.types.items())} entries, "
                      f"{_size(c.total_bytes)} of {_size(c.max_bytes)}; {hits} hits, {misses} misses")
+    if s.check is None:
+        lines.append("check:        running")
+    else:
+        problems = [f for f in s.check.findings if f.kind in ("invalid", "missing", "staged")]
+        lines.append(f"check:        {s.check.checked_files} document(s), {len(problems)} problem(s)"
+                     + (" (fusestore check --repair)" if problems else ""))
+        for f in problems[:5]:
+            lines.append(f"  {f.kind} {f.path}: {f.detail}")
     for r in s.recent_rejections[-5:]:
         lines.append(f"  rejected {_when(r.time)} {r.path}: {r.reason}")
     print("\n".join(lines))
@@ -204,12 +212,11 @@ class GenerationReport(msgspec.Struct):
 
 
 def _generation_reports(store: Store, relpath: str) -> list[GenerationReport]:
-    kind = store.rule(relpath).validate
     reports = []
     for gen in store.backups.generations(relpath):
         fd = store.backups.open_generation(relpath, gen.number)
         try:
-            problem = validate.check(kind, fd)
+            problem = store.check_fd(relpath, fd)
         finally:
             os.close(fd)
         when = datetime.datetime.fromtimestamp(gen.superseded_ns / 1e9).isoformat(timespec="seconds")
@@ -407,21 +414,121 @@ def cmd_cache_acquire(args) -> int:
     return 0 if slot.allowed else 1
 
 
-def cmd_gc(args) -> int:
-    from fusestore.engine.cache import Cache, CacheError, directory
+def _tree_arg(path: str) -> str:
+    """BACKING as the commands take it: a backing tree or a mount of one."""
+    if not os.path.isdir(path):
+        raise CommandError(f"{path} is not a directory")
+    return find_tree(path)
 
-    backing = os.path.abspath(args.backing)
-    if not os.path.isdir(backing):
-        raise CommandError(f"{args.backing} is not a directory")
+
+def _writer(backing: str):
     try:
-        config = config_mod.load(backing)
-        with Cache(directory(backing, config.cache), config.cache, verify=True) as c:
-            expired = c.gc()
-    except (config_mod.ConfigError, CacheError) as e:
+        return TreeWriter(backing)
+    except Busy as e:
         raise CommandError(str(e)) from None
-    print(f"cache: removed {expired} expired entr{'y' if expired == 1 else 'ies'}")
+    except config_mod.ConfigError as e:
+        raise CommandError(str(e)) from None
+
+
+def cmd_gc(args) -> int:
+    from fusestore import maintenance
+
+    store = _open_store(_tree_arg(args.backing))
+    try:
+        report = maintenance.gc(store)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"backups: removed {report.backups_removed} generation(s) older than "
+              f"{store.config.backups.max_age_days:g} days")
+        print(f"cache: removed {report.cache_expired} expired entr{'y' if report.cache_expired == 1 else 'ies'}")
     return 0
 
+
+def _progress(label: str):
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int | None = None) -> None:
+        print(f"\r{label} {done}" + (f"/{total}" if total else ""), end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_check(args) -> int:
+    from fusestore import maintenance
+
+    backing = _tree_arg(args.backing)
+    served = any(os.path.realpath(b) == backing for _m, b in fusestore_mounts())
+    writer = _writer(backing) if args.repair else None
+    store = writer.store if writer else _open_store(backing)
+    try:
+        report = maintenance.check(store, served, _progress("checked"))
+        if _progress("x"):
+            print(file=sys.stderr)
+        if writer is not None:
+            report = maintenance.repair(report, writer, store)
+    finally:
+        (writer or store).close()
+    left = report.unrepaired
+    if args.json:
+        _print_json({"ok": not left, "checked_files": report.checked_files, "projects": report.projects,
+                     "findings": report.findings})
+        return 1 if left else 0
+    for f in report.findings:
+        mark = "repaired" if f.repaired else ("NEEDS REPAIR" if f.kind in maintenance.NEEDS_REPAIR else "note")
+        print(f"{mark:12} {f.kind:14} {f.path}: {f.detail}")
+    print(f"{report.checked_files} document(s) in {report.projects} project(s) checked; "
+          + (f"{len(left)} problem(s) left{'' if args.repair else ' (fusestore check --repair restores from backups)'}"
+             if left else "nothing to repair"))
+    return 1 if left else 0
+
+
+def cmd_migrate(args) -> int:
+    from fusestore import maintenance
+
+    backing = _tree_arg(args.backing)
+    writer = None if args.dry_run else _writer(backing)
+    store = writer.store if writer else _open_store(backing)
+    try:
+        results = maintenance.migrate(store, writer, args.dry_run, _progress("migrating"))
+    finally:
+        (writer or store).close()
+    if _progress("x") and results:
+        print(file=sys.stderr)
+    failed = [r for r in results if r.error]
+    if args.json:
+        _print_json({"dry_run": args.dry_run, "migrated": [r for r in results if not r.error], "failed": failed})
+    else:
+        for r in results:
+            verb = "would migrate" if args.dry_run else "migrated"
+            print(f"{verb if not r.error else 'CANNOT migrate'} {r.path} ({r.type}) {r.source} -> {r.target}"
+                  + (f": {r.error}" if r.error else ""))
+        print(f"{len(results) - len(failed)} document(s) {'to migrate' if args.dry_run else 'migrated'}, "
+              f"{len(failed)} left unchanged")
+    return 1 if failed else 0
+
+
+def cmd_new_project(args) -> int:
+    from fusestore import projects
+
+    backing = _tree_arg(args.backing)
+    try:
+        project_id = projects.new_project(backing, name=args.name, parent=args.parent)
+    except Busy as e:
+        raise CommandError(str(e)) from None
+    print(project_id)
+    return 0
+
+
+def cmd_schema_export(args) -> int:
+    from fusestore.engine import schemas
+
+    for path in schemas.export(args.dir):
+        print(path)
+    return 0
 
 # -- parser -----------------------------------------------------------------------------------
 
@@ -462,9 +569,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", "-g", type=int, default=1, metavar="N")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("gc", help="drop expired cache entries")
+    p = sub.add_parser("gc", help="drop backups past their age and expired cache entries")
     p.add_argument("backing", metavar="BACKING")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("check", help="integrity report of a tree; --repair restores from backups")
+    p.add_argument("backing", metavar="BACKING")
+    p.add_argument("--repair", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("migrate", help="bring versioned documents to the current schema version")
+    p.add_argument("backing", metavar="BACKING")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("new-project", help="create a project skeleton; prints its id")
+    p.add_argument("backing", metavar="BACKING")
+    p.add_argument("--name", metavar="NAME")
+    p.add_argument("--parent", default="public/projects", metavar="DIR",
+                   help="where projects live in the tree (default: public/projects)")
+    p.set_defaults(func=cmd_new_project)
+
+    schema = sub.add_parser("schema", help="document schemas").add_subparsers(
+        dest="schema_command", required=True, metavar="SCHEMA_COMMAND")
+    p = schema.add_parser("export", help="write a JSON Schema file per document type")
+    p.add_argument("--dir", default="schemas", metavar="DIR")
+    p.set_defaults(func=cmd_schema_export)
 
     cache = sub.add_parser("cache", help="the media and TTS cache").add_subparsers(
         dest="cache_command", required=True, metavar="CACHE_COMMAND")
@@ -506,10 +639,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "mount":
+        # Commands report for themselves; the engine's log lines belong to the daemon's log.
+        logging.getLogger("fusestore").addHandler(logging.NullHandler())
     try:
         return args.func(args)
     except CommandError as e:
         name = args.command + (f" {args.cache_command}" if args.command == "cache" else "")
+        name += f" {args.schema_command}" if args.command == "schema" else ""
         print(f"fusestore {name}: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -15,6 +15,7 @@ import msgspec
 
 from fusestore.engine.cache import CacheStats
 from fusestore.engine.store import Rejection
+from fusestore.maintenance import Report
 
 
 class Request(msgspec.Struct, frozen=True):
@@ -41,6 +42,7 @@ class Status(msgspec.Struct):
     recovered_at_mount: int
     recent_rejections: list[Rejection]
     cache: CacheStats | None = None
+    check: Report | None = None  # the background check at mount; None while it runs
 
 
 class Reply(msgspec.Struct):

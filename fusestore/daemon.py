@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from fusestore import config as config_mod
-from fusestore import control
+from fusestore import control, maintenance
 from fusestore.engine import cache as cache_mod
 from fusestore.engine.cache import Cache
 from fusestore.engine.state import Busy
@@ -88,6 +88,7 @@ class Daemon:
         self.recovered = recovered
         self.started = time.time()
         self.stopping = False
+        self.check_report: maintenance.Report | None = None
 
     def status(self) -> control.Status:
         stats = self.store.stats
@@ -101,6 +102,7 @@ class Daemon:
             backup_files=files, backup_generations=gens, backup_bytes=size,
             recovered_at_mount=self.recovered, recent_rejections=list(stats.recent_rejections),
             cache=self.fs.cache_view.cache.stats(),
+            check=self.check_report,
         )
 
     async def stop(self) -> int:
@@ -180,6 +182,21 @@ class Daemon:
 
             nursery.start_soon(fuse_loop)
             ready()
+            nursery.start_soon(self.background_check)
+
+    async def background_check(self) -> None:
+        """The integrity check of `fusestore check`, once, after the mount is up: its findings go
+        to the log and to status. It never stops the mount."""
+        try:
+            report = await self.fs.workers.run(maintenance.check, self.store, True)
+        except Exception:  # noqa: BLE001 - a failed check must not end the daemon
+            log.exception("the background check failed")
+            return
+        self.check_report = report
+        for f in report.findings:
+            (log.warning if f.kind in maintenance.NEEDS_REPAIR else log.info)("check: %s %s: %s", f.kind, f.path, f.detail)
+        log.info("check: %d document(s) in %d project(s), %d problem(s) to repair", report.checked_files,
+                 report.projects, len(report.unrepaired))
 
 
 def _backup_figures(backups_fd: int) -> tuple[int, int, int]:

@@ -7,7 +7,9 @@ current directory, found upward as git finds its repository.
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 
 from fusestore.engine.state import STATE_NAME
 
@@ -51,11 +53,11 @@ def mount_of(path: str) -> tuple[str, str] | None:
     return best
 
 
-def find_tree(root: str | None = None) -> str:
+def find_tree(root: str | None = None, start: str | None = None) -> str:
     """The backing tree for `root` (a backing tree or a mount of one, taken as given) or, without
-    it, for the current directory: its mount's backing, or the nearest directory upward that
-    holds a state directory."""
-    start = os.path.realpath(root or os.getcwd())
+    it, for `start` (default: the current directory): its mount's backing, or the nearest
+    directory upward that holds a state directory."""
+    start = os.path.realpath(root or start or os.getcwd())
     found = mount_of(start)
     if found:
         return found[1]
@@ -70,3 +72,99 @@ def find_tree(root: str | None = None) -> str:
         if probe == "/":
             raise TreeNotFound(f"no fusestore tree at or above {start} (use --root)")
         probe = os.path.dirname(probe)
+
+
+class TreeWriter:
+    """Commits into a tree the right way for its state: through its mount when a daemon serves
+    it (so the daemon validates, backs up and commits, and its readers see the change), or
+    directly through the engine while holding the tree's lock when none does. Raises
+    `Busy` when a daemon holds the lock without a mount this process can see."""
+
+    def __init__(self, backing: str):
+        from fusestore import config as config_mod
+        from fusestore.engine.store import Store
+
+        self.backing = os.path.realpath(backing)
+        served = [m for m, b in fusestore_mounts() if os.path.realpath(b) == self.backing]
+        self.mountpoint = served[0] if served else None
+        self.store = Store(self.backing, config_mod.load(self.backing))
+        if self.mountpoint is None:
+            try:
+                self.store.state.lock()
+            except BaseException:
+                self.store.close()
+                raise
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "TreeWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def makedirs(self, relpath: str) -> None:
+        from fusestore.engine.paths import components, open_dir
+
+        if self.mountpoint is not None:
+            os.makedirs(os.path.join(self.mountpoint, *components(relpath)), exist_ok=True)
+        else:
+            os.close(open_dir(self.store.root_fd, components(relpath), create=True))
+
+    def write(self, relpath: str, data: bytes) -> None:
+        """Commit `data` as the new content of `relpath`; raises `Rejected` when its rule
+        refuses it (nothing changes then)."""
+        from fusestore.engine.paths import components
+        from fusestore.engine.store import Rejected
+
+        if self.mountpoint is None:
+            stage = self.store.new_stage(relpath, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(stage.fd, view):]
+            dir_fd, name = self.store.open_parent_creating(relpath)
+            try:
+                self.store.commit(stage, dir_fd, name, relpath)
+            finally:
+                os.close(dir_fd)
+            return
+        path = os.path.join(self.mountpoint, *components(relpath))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                fd = os.open(path, flags, 0o644)
+                break
+            except FileNotFoundError:
+                # The kernel still knows the name of a file removed in the backing tree; the
+                # daemon has told it to forget the name (or the entry timeout runs out).
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            os.close(fd)
+        except OSError as e:
+            if e.errno == errno.EBADMSG:
+                raise Rejected(relpath, self._reason(relpath), None) from None
+            raise
+
+    def _reason(self, relpath: str) -> str:
+        """The daemon's reason for refusing `relpath` (from its status), as far as it says."""
+        from fusestore import control
+
+        try:
+            status = control.ask(os.path.join(self.backing, STATE_NAME), "status", timeout=10).status
+            for r in reversed(status.recent_rejections if status else []):
+                if r.path == relpath:
+                    return r.reason
+        except (OSError, ConnectionError):
+            pass
+        return "refused by its rule (see fusestore status)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable
 
 import msgspec
 
@@ -173,3 +174,34 @@ class Backups:
         except (FileNotFoundError, NotADirectoryError):
             return False
 
+    def paths(self) -> list[str]:
+        """Every tree path that has generations, including deleted files."""
+        found = []
+        for dirpath, _dirs, files, _fd in os.fwalk(".", dir_fd=self.fd):
+            if any(_is_generation(f) for f in files):
+                parts = [unescape(p) for p in dirpath.split("/")[1:]]
+                if None not in parts:
+                    found.append("/".join(parts))
+        return sorted(found)
+
+    def expire(self, older_than_ns: int, keep_newest: Callable[[str], bool]) -> int:
+        """Delete generations superseded before `older_than_ns`; generation 1 stays wherever
+        `keep_newest(relpath)` (the file still exists). Returns how many were deleted."""
+        deleted = 0
+        for relpath in self.paths():
+            gens = self.generations(relpath)
+            doomed = [g for g in gens if g.superseded_ns < older_than_ns and not (g.number == 1 and keep_newest(relpath))]
+            if not doomed:
+                continue
+            dfd = self._dir(relpath)
+            try:
+                for gen in doomed:
+                    try:
+                        os.unlink(gen.name, dir_fd=dfd)
+                        deleted += 1
+                    except FileNotFoundError:
+                        pass
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        return deleted
