@@ -214,11 +214,7 @@ class GenerationReport(msgspec.Struct):
 def _generation_reports(store: Store, relpath: str) -> list[GenerationReport]:
     reports = []
     for gen in store.backups.generations(relpath):
-        fd = store.backups.open_generation(relpath, gen.number)
-        try:
-            problem = store.check_fd(relpath, fd)
-        finally:
-            os.close(fd)
+        problem = store.check_generation(relpath, gen.number)
         when = datetime.datetime.fromtimestamp(gen.superseded_ns / 1e9).isoformat(timespec="seconds")
         reports.append(GenerationReport(gen.number, when, gen.size, problem is None, problem))
     return reports
@@ -250,51 +246,20 @@ def cmd_backups(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    backing, relpath, mountpoint = locate(args.path)
-    store = _open_store(backing)
-    try:
-        if mountpoint is not None:
-            # Served: write through the mount, so the daemon commits it like any other write.
-            src = store.backups.open_generation(relpath, args.generation)
-            try:
-                _copy_through_mount(src, os.path.join(mountpoint, relpath), relpath)
-            finally:
-                os.close(src)
-        else:
-            try:
-                store.state.lock()
-            except Busy as e:
-                raise CommandError(str(e)) from None
-            store.restore(relpath, args.generation)
-    except FileNotFoundError:
-        raise CommandError(f"no backup generation {args.generation} of {relpath}") from None
-    except Rejected as e:
-        raise CommandError(f"generation {args.generation} of {relpath} was rejected: {e.reason}") from None
-    finally:
-        store.close()
+    backing, relpath, _ = locate(args.path)
+    with _writer(backing) as writer:
+        try:
+            src = writer.store.backups.open_generation(relpath, args.generation)
+        except FileNotFoundError:
+            raise CommandError(f"no backup generation {args.generation} of {relpath}") from None
+        try:
+            writer.write(relpath, src)
+        except Rejected as e:
+            raise CommandError(f"generation {args.generation} of {relpath} was rejected: {e.reason}") from None
+        finally:
+            os.close(src)
     print(f"restored {relpath} from generation {args.generation}")
     return 0
-
-
-def _copy_through_mount(src: int, target: str, relpath: str) -> None:
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        raise CommandError(f"cannot write {target}: {e.strerror}") from None
-    try:
-        offset = 0
-        while chunk := os.pread(src, 1 << 20, offset):
-            os.write(fd, chunk)
-            offset += len(chunk)
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        os.close(fd)
-    except OSError as e:
-        if e.errno == errno.EBADMSG:
-            raise CommandError(f"the backup of {relpath} was rejected by its rule (see `fusestore status`)") from None
-        raise CommandError(f"cannot commit {target}: {e.strerror}") from None
 
 
 # -- the cache --------------------------------------------------------------------------------
@@ -345,11 +310,15 @@ def cmd_cache_get(args) -> int:
         entry = _cache_call(c.get, args.url, _params(args.param), args.type)
         if entry is None:
             return 1
-        if args.json:
-            _print_json(entry.to_json())
-        else:
-            print(entry.path)
+    _print_entry(entry, args.json)
     return 0
+
+
+def _print_entry(entry, as_json: bool) -> None:
+    if as_json:
+        _print_json(entry.to_json())
+    else:
+        print(entry.path)
 
 
 def cmd_cache_put(args) -> int:
@@ -358,10 +327,7 @@ def cmd_cache_put(args) -> int:
     with _open_cache(args) as c:
         entry = _cache_call(c.put, args.url, args.file, args.type, params=_params(args.param), tags=args.tag,
                             file=args.name)
-        if args.json:
-            _print_json(entry.to_json())
-        else:
-            print(entry.path)
+    _print_entry(entry, args.json)
     return 0
 
 

@@ -112,11 +112,7 @@ def check(store: Store, served: bool, progress: Callable[[int], None] | None = N
         findings.append(Finding(QUARANTINED, name, "in .fusestore/quarantine"))
     for relpath in store.backups.paths():
         for gen in store.backups.generations(relpath):
-            fd = store.backups.open_generation(relpath, gen.number)
-            try:
-                reason = store.check_fd(relpath, fd)
-            finally:
-                os.close(fd)
+            reason = store.check_generation(relpath, gen.number)
             if reason is not None:
                 findings.append(Finding(DAMAGED_BACKUP, f"{relpath}@{gen.number}", reason))
     return Report(findings, count, len(projects))
@@ -157,13 +153,12 @@ def repair(report: Report, writer, store: Store) -> Report:
 
 def _newest_valid(store: Store, relpath: str) -> tuple[int, bytes] | None:
     for gen in store.backups.generations(relpath):
-        fd = store.backups.open_generation(relpath, gen.number)
-        try:
-            if store.check_fd(relpath, fd) is None:
-                size = os.fstat(fd).st_size
-                return gen.number, os.pread(fd, size, 0)
-        finally:
-            os.close(fd)
+        if store.check_generation(relpath, gen.number) is None:
+            fd = store.backups.open_generation(relpath, gen.number)
+            try:
+                return gen.number, os.pread(fd, os.fstat(fd).st_size, 0)
+            finally:
+                os.close(fd)
     return None
 
 

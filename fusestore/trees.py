@@ -112,17 +112,18 @@ class TreeWriter:
         else:
             os.close(open_dir(self.store.root_fd, components(relpath), create=True))
 
-    def write(self, relpath: str, data: bytes) -> None:
-        """Commit `data` as the new content of `relpath`; raises `Rejected` when its rule
-        refuses it (nothing changes then)."""
+    def write(self, relpath: str, data: bytes | int) -> None:
+        """Commit `data` (bytes, or everything an open fd holds) as the new content of
+        `relpath`; raises `Rejected` when its rule refuses it (nothing changes then)."""
         from fusestore.engine.paths import components
         from fusestore.engine.store import Rejected
 
         if self.mountpoint is None:
-            stage = self.store.new_stage(relpath, 0o644)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(stage.fd, view):]
+            if isinstance(data, int):
+                stage = self.store.stage_copy(data, relpath)
+            else:
+                stage = self.store.new_stage(relpath, 0o644)
+                _write_all(stage.fd, data)
             dir_fd, name = self.store.open_parent_creating(relpath)
             try:
                 self.store.commit(stage, dir_fd, name, relpath)
@@ -143,9 +144,13 @@ class TreeWriter:
                     raise
                 time.sleep(0.05)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            if isinstance(data, int):
+                offset = 0
+                while chunk := os.pread(data, 1 << 20, offset):
+                    _write_all(fd, chunk)
+                    offset += len(chunk)
+            else:
+                _write_all(fd, data)
         except BaseException:
             os.close(fd)
             raise
@@ -168,3 +173,9 @@ class TreeWriter:
         except (OSError, ConnectionError):
             pass
         return "refused by its rule (see fusestore status)"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -114,14 +114,19 @@ def test_recovery_quarantines_staged_files_with_their_path(store, tmp_path):
         os.close(s.fd)
 
 
-def test_restore_is_a_commit(store, tmp_path):
-    commit_bytes(store, "r.json", b"[1]")
-    commit_bytes(store, "r.json", b"[2]")
-    store.restore("r.json", 1)
-    assert (tmp_path / "r.json").read_bytes() == b"[1]"
-    fd = store.backups.open_generation("r.json", 1)
-    assert os.read(fd, 10) == b"[2]"
-    os.close(fd)
+def test_restore_is_a_commit(tmp_path):
+    from fusestore.trees import TreeWriter
+
+    with TreeWriter(str(tmp_path)) as writer:  # no daemon: commits through the engine, locked
+        commit_bytes(writer.store, "r.json", b"[1]")
+        commit_bytes(writer.store, "r.json", b"[2]")
+        src = writer.store.backups.open_generation("r.json", 1)
+        writer.write("r.json", src)
+        os.close(src)
+        assert (tmp_path / "r.json").read_bytes() == b"[1]"
+        fd = writer.store.backups.open_generation("r.json", 1)
+        assert os.read(fd, 10) == b"[2]"
+        os.close(fd)
 
 
 def test_config_rules_match_globs():

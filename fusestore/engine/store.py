@@ -350,6 +350,14 @@ class Store:
         rule = self.rule(relpath)
         return validate.check(rule.validate, fd, rule.schema)
 
+    def check_generation(self, relpath: str, number: int) -> str | None:
+        """Why backup generation `number` of `relpath` may not stand there today, or None."""
+        fd = self.backups.open_generation(relpath, number)
+        try:
+            return self.check_fd(relpath, fd)
+        finally:
+            os.close(fd)
+
     def check_file(self, dir_fd: int, name: str | bytes, relpath: str) -> str | None:
         """Why the committed file `name` may not stand at `relpath`, or None."""
         if self.rule(relpath).validate == "none":
@@ -361,20 +369,6 @@ class Store:
             return self.check_fd(relpath, fd)
         finally:
             os.close(fd)
-
-    def restore(self, relpath: str, number: int = 1) -> None:
-        """Put generation `number` back as an ordinary commit (the replaced content becomes a
-        backup). For a tree that no daemon serves; through a mount, write the file instead."""
-        src = self.backups.open_generation(relpath, number)
-        try:
-            stage = self.stage_copy(src, relpath)
-        finally:
-            os.close(src)
-        dir_fd, name = self.open_parent_creating(relpath)
-        try:
-            self.commit(stage, dir_fd, name, relpath)
-        finally:
-            os.close(dir_fd)
 
     def open_parent_creating(self, relpath: str) -> tuple[int, str]:
         """A directory fd on the parent of `relpath` (made if missing) and the final name."""
