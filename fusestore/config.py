@@ -8,9 +8,9 @@ the wrong type stops the mount with a message that names it.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import tomllib
-from pathlib import PurePosixPath
 from typing import Literal
 
 import msgspec
@@ -20,6 +20,11 @@ CONFIG_NAME = "fusestore.toml"
 
 class ConfigError(Exception):
     """The configuration file cannot be used; the message names the file and the key."""
+
+
+@functools.lru_cache(maxsize=None)
+def _tail(glob: str) -> tuple[str, ...]:
+    return tuple(glob[3:].split("/"))
 
 
 class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -49,7 +54,11 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def matches(self, relpath: str) -> bool:
         if self.glob.startswith("**/"):
-            return PurePosixPath(relpath).match(self.glob[3:])
+            tail = _tail(self.glob)
+            parts = relpath.split("/")
+            # From the file name up: most paths fail on their last component.
+            return len(parts) >= len(tail) and all(
+                fnmatch.fnmatchcase(part, pattern) for part, pattern in zip(reversed(parts), reversed(tail)))
         if "/" in self.glob:
             return fnmatch.fnmatchcase(relpath, self.glob)
         return fnmatch.fnmatchcase(relpath.rpartition("/")[2], self.glob)

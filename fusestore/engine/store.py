@@ -17,6 +17,7 @@ the filesystem layer calls it from worker threads, the CLI calls it directly.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -100,6 +101,7 @@ class Store:
         # Empty files made ahead of need (see refill_pool): creating an inode right after an
         # fsync costs a journal wait, which then stays off the path of a file's open().
         self._pool: list[tuple[int, str]] = []
+        self._rules = functools.lru_cache(maxsize=16384)(config.rule_for)
 
     def close(self) -> None:
         self._drain_pool()
@@ -107,7 +109,8 @@ class Store:
         os.close(self.root_fd)
 
     def rule(self, relpath: str) -> config_mod.Rule:
-        return self.config.rule_for(relpath)
+        # Asked several times per file (create, open, commit): the glob matching is worth keeping.
+        return self._rules(relpath)
 
     # -- staging ---------------------------------------------------------------------------
 
