@@ -30,7 +30,7 @@ ROOT_INODE = 1
 class Node:
     __slots__ = (
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
-        "stage", "writers", "lock", "intermediate", "pending",
+        "stage", "writers", "readers", "lock", "intermediate", "pending", "former",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -44,6 +44,10 @@ class Node:
         self.handles = 0
         self.stage: Stage | None = None  # shared by every writer of this file
         self.writers: set = set()  # the open write handles that share the stage
+        self.readers: set = set()  # the open read handles, each with its own fd
+        # Where the name was before it went (renamed over, replaced): an open or stat that
+        # raced with the rename reads what took the name's place, a complete version too.
+        self.former: tuple[Node, bytes] | None = None
         self.lock: CommitLock | None = None
         self.intermediate = False  # the committed content is an empty intermediate of a writer
         self.pending = False  # a new file: only its staged copy exists until the first commit
@@ -181,6 +185,7 @@ class InodeTable:
         self._drop_pending(node)
         if self.by_name.get((parent.ino, node.name)) is node:
             del self.by_name[(parent.ino, node.name)]
+        node.former = (parent, node.name)
         node.parent = None
         parent.children -= 1
         self.maybe_free(parent)

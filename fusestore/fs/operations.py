@@ -171,8 +171,21 @@ class Filesystem(pyfuse3.Operations):
                 raise FileNotFoundError(errno.ENOENT, "gone")
             st = os.fstat(node.stage.fd)
             return Attrs(st.st_mode, 1, st.st_uid, st.st_gid, 0, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
-        parent, name = node.location
+        if node.parent is None:
+            for reader in node.readers:  # fstat of an open file whose name was replaced
+                return os.fstat(reader.fd)
+        parent, name = self._readable_location(node)
         return os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+
+    @staticmethod
+    def _readable_location(node: Node) -> tuple[Node, bytes]:
+        """Where to read the node's content: its name, or, when a rename or commit just took
+        the name away, the name's new content (the kernel resolved the path just before)."""
+        if node.parent is not None:
+            return node.parent, node.name
+        if node.former is not None and node.former[0].fd is not None:
+            return node.former
+        raise FileNotFoundError(errno.ENOENT, "the file has no name any more")
 
     def _check_name(self, parent: Node, name: bytes) -> None:
         """Names that new entries may not take: the state directory, the virtual dirs and the
@@ -633,8 +646,9 @@ class Filesystem(pyfuse3.Operations):
         info.direct_io = True
         if not handle.writer:
             if not node.pending:  # a new file not yet committed reads as empty
-                parent, name = node.location
+                parent, name = self._readable_location(node)
                 handle.fd = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
+                node.readers.add(handle)
         else:
             relpath = node.relpath()
             if self.store.rule(relpath).mode == "append" and not node.pending:
@@ -762,6 +776,7 @@ class Filesystem(pyfuse3.Operations):
         node = handle.node
         if handle.fd is not None:
             os.close(handle.fd)
+        node.readers.discard(handle)
         try:
             if handle.writer and not handle.append:
                 node.writers.discard(handle)
