@@ -21,6 +21,10 @@ BAD = {
     "bom": (b'\xef\xbb\xbf{"a": 1}', "byte order mark"),
     "nan": (b'{"a": NaN}', "line 1, column 7"),
     "deep": (b"[" * 100_000 + b"]" * 100_000, "nesting too deep"),
+    "infinity": (b'[1, -Infinity]', "line 1, column 6"),
+    "lone-surrogate": (b'{"name": "\\ud800 broken"}', "line 1, column 11: lone UTF-16 surrogate escape"),
+    "duplicate-keys": (b'{"id": 1,\n "id": 2}', "line 2, column 2: duplicate key \"id\""),
+    "not-json": (b"title: yaml is not json\n", "invalid character"),
 }
 
 
@@ -97,3 +101,21 @@ def test_a_new_file_rejected_again_and_again_gets_ebadmsg_each_time(mount):
     assert not (mount / "fresh.json").exists()
     write_json(mount / "fresh.json", {"finally": "valid"})
     assert json.loads((mount / "fresh.json").read_text()) == {"finally": "valid"}
+
+
+def test_a_2_gib_invalid_document_is_rejected_without_harm(mount):
+    write_json(mount / "huge.json", {"small": True})
+    chunk = b'{"segment": "' + b"x" * (1 << 20) + b'"},'
+    with pytest.raises(OSError) as e:
+        with open(mount / "huge.json", "wb") as f:
+            f.write(b"[")
+            for _ in range(2048):
+                f.write(chunk)
+            f.write(b'{"last": tru')  # cut off: 2 GiB and a truncated end
+    assert e.value.errno == errno.EBADMSG
+    assert json.loads((mount / "huge.json").read_text()) == {"small": True}
+    [kept] = mount.quarantine
+    assert kept.stat().st_size > 2 << 30
+    assert "truncated" in mount.status()["recent_rejections"][0]["reason"]
+    kept.unlink()
+    write_json(mount / "after.json", {"daemon": "fine"})  # still serving

@@ -8,6 +8,7 @@ Python bytes object, and JSON syntax is checked by msgspec without building the 
 from __future__ import annotations
 
 import codecs
+import json
 import mmap
 import os
 import re
@@ -15,6 +16,10 @@ import re
 import msgspec
 
 _BYTE_AT = re.compile(r"\(byte (\d+)\)")
+# A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or a low one on its own.
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<![0-9a-fA-F]{2})(?<!\\)(?:\\\\)*\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 _UTF8_CHUNK = 1 << 20
 _SMALL = 1 << 20  # read smaller files in one call; map larger ones
 
@@ -71,6 +76,12 @@ def json_error(data) -> str | None:
         found = _BYTE_AT.search(text)
         offset = int(found.group(1)) if found else len(data)
         text = _BYTE_AT.sub("", text).replace("JSON is malformed: ", "").strip()
+        if text in ("Input data was truncated", "invalid utf-16 surrogate pair", "unexpected end of hex escape"):
+            # msgspec reports a lone surrogate escape ("\ud800") as either of these.
+            window_start = max(0, offset - 16)
+            lone = _LONE_SURROGATE.search(bytes(data[window_start:offset + 1]))
+            if lone is not None:
+                return _at(data, window_start + lone.start(), f"lone UTF-16 surrogate escape {lone.group(0).decode()}")
         if text == "Input data was truncated":
             text = "unexpected end of document (truncated)"
         elif text == "trailing characters" and found:
@@ -78,7 +89,36 @@ def json_error(data) -> str | None:
         return _at(data, offset, text)
     except RecursionError:
         return "line 1, column 1: nesting too deep"
-    return _utf8_error(data)
+    return _utf8_error(data) or (_duplicate_key(data) if len(data) <= _SMALL else None)
+
+
+def _duplicate_key(data) -> str | None:
+    """RFC 8259: the names in an object SHOULD be unique; parsers disagree on which duplicate
+    wins, so fusestore refuses them (in documents up to 1 MiB, which it can afford to decode)."""
+
+    def pairs(items: list) -> dict:
+        seen = set()
+        for key, _value in items:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
+        return {}
+
+    try:
+        json.loads(bytes(data), object_pairs_hook=pairs)
+    except _Duplicate as d:
+        quoted = json.dumps(d.key).encode()
+        hits = [m.start() for m in re.finditer(re.escape(quoted) + rb"\s*:", bytes(data))]
+        offset = hits[1] if len(hits) > 1 else 0
+        return _at(data, offset, f"duplicate key {quoted.decode()} in an object")
+    except (ValueError, RecursionError):
+        return None  # msgspec accepted it; nothing more to say
+    return None
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str):
+        self.key = key
 
 
 def check(kind: str, fd: int, schema: str | None = None) -> str | None:
