@@ -274,6 +274,8 @@ def clone_cost(work: str, fs_type: str, size: int) -> float | None:
             block = os.urandom(1 << 20)
             for _ in range(size >> 20):
                 f.write(block)
+            f.flush()
+            os.fsync(f.fileno())  # on disk already, as a file a pipeline edits would be
         mount(backing, mnt)
         try:
             t = time.perf_counter()
@@ -446,6 +448,8 @@ def main() -> int:
             with open(os.path.join(backing, "video.mp4"), "wb") as f:
                 for _ in range(size >> 20):
                     f.write(b"v" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
             t = time.perf_counter()
             fd = os.open(os.path.join(mnt, "video.mp4"), os.O_WRONLY)
             os.pwrite(fd, b"x", 0)
