@@ -203,11 +203,14 @@ class Store:
 
     # -- commit ----------------------------------------------------------------------------
 
-    def commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str, keep_empty: bool = True) -> None:
+    def commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str, keep_empty: bool = True,
+               kill_setid: bool = False) -> None:
         """Replace `name` in `dir_fd` by the staged content, or raise Rejected. Consumes `stage`.
 
         `keep_empty=False` says the current content, if empty, is only an intermediate state of
-        the same writer (a shell's `>` before the command wrote) and needs no backup."""
+        the same writer (a shell's `>` before the command wrote) and needs no backup.
+        `kill_setid` says an unprivileged process wrote the content: as on any filesystem, the
+        set-user-ID bit (and the set-group-ID bit of a group-executable file) do not carry over."""
         rule = self.rule(relpath)
         reason = self.check_fd(relpath, stage.fd)
         if reason is not None:
@@ -221,7 +224,7 @@ class Store:
             raise IsADirectoryError(f"{relpath} is no longer a regular file")
         try:
             if current is not None:
-                self._carry_metadata(current, dir_fd, name, stage.fd)
+                self._carry_metadata(current, dir_fd, name, stage.fd, kill_setid)
             intermediate = current is not None and current.st_size == 0 and not keep_empty
             if current is not None and rule.backups and not intermediate:
                 self.backups.keep(dir_fd, name, relpath, sync_first=stage.fd)
@@ -314,12 +317,18 @@ class Store:
         finally:
             os.close(fd)
 
-    def _carry_metadata(self, current: os.stat_result, dir_fd: int, name: str | bytes, fd: int) -> None:
+    def _carry_metadata(self, current: os.stat_result, dir_fd: int, name: str | bytes, fd: int,
+                        kill_setid: bool) -> None:
         mine = os.fstat(fd)
+        mode = stat.S_IMODE(current.st_mode)
+        if kill_setid:
+            mode &= ~stat.S_ISUID
+            if mode & stat.S_IXGRP:
+                mode &= ~stat.S_ISGID
         if os.geteuid() == 0 and (mine.st_uid, mine.st_gid) != (current.st_uid, current.st_gid):
             os.fchown(fd, current.st_uid, current.st_gid)
-        if stat.S_IMODE(mine.st_mode) != stat.S_IMODE(current.st_mode) or current.st_mode & 0o6000:
-            os.fchmod(fd, stat.S_IMODE(current.st_mode))  # after chown, which clears set-id bits
+        if stat.S_IMODE(mine.st_mode) != mode or mode & 0o6000:
+            os.fchmod(fd, mode)  # after chown, which clears set-id bits
         path = f"/proc/self/fd/{dir_fd}/{os.fsdecode(name)}"
         try:
             attrs = os.listxattr(path, follow_symlinks=False)

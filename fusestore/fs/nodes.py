@@ -30,7 +30,7 @@ ROOT_INODE = 1
 class Node:
     __slots__ = (
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
-        "stage", "writers", "readers", "lock", "intermediate", "pending", "former",
+        "stage", "writers", "readers", "lock", "intermediate", "pending", "former", "kill_setid",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -51,6 +51,7 @@ class Node:
         self.lock: CommitLock | None = None
         self.intermediate = False  # the committed content is an empty intermediate of a writer
         self.pending = False  # a new file: only its staged copy exists until the first commit
+        self.kill_setid = False  # an unprivileged process wrote the staged content
 
     @property
     def location(self) -> tuple["Node", bytes]:

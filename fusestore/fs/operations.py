@@ -599,7 +599,7 @@ class Filesystem(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EEXIST)
             # Created behind our back since the kernel's lookup: open the existing file instead.
             node = self._known(parent, name, st)
-            info = await self._open(node, flags & ~os.O_CREAT)
+            info = await self._open(node, flags & ~os.O_CREAT, ctx)
             return info, self._looked_up(node, self._stat(node))
         # A new file exists only as its staged copy until the first commit puts it in the tree.
         relpath = self._relpath(parent, name)
@@ -616,7 +616,7 @@ class Filesystem(pyfuse3.Operations):
         else:
             stage = self._new_stage(relpath, stat.S_IMODE(mode), self._owner(parent, ctx))
             node = self.inodes.add(False, None, parent, name, stage)
-        info = await self._open(node, flags)
+        info = await self._open(node, flags, ctx)
         return info, self._looked_up(node, self._stat(node))
 
     @_errors
@@ -633,9 +633,9 @@ class Filesystem(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._fh(handle), direct_io=True)
         if flags & os.O_DIRECT:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        return await self._open(self._node(inode), flags)
+        return await self._open(self._node(inode), flags, ctx)
 
-    async def _open(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+    async def _open(self, node: Node, flags: int, ctx) -> pyfuse3.FileInfo:
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         handle = Handle(node, flags)
@@ -667,6 +667,8 @@ class Filesystem(pyfuse3.Operations):
                         else:
                             os.ftruncate(node.stage.fd, 0)
                 node.writers.add(handle)
+                if ctx.uid != 0:
+                    node.kill_setid = True  # see Store.commit
         node.handles += 1
         info.fh = self._fh(handle)
         return info
@@ -803,6 +805,7 @@ class Filesystem(pyfuse3.Operations):
                 return
             node.stage = None
             keep_empty, node.intermediate = not node.intermediate, False
+            kill_setid, node.kill_setid = node.kill_setid, bool(node.writers) and node.kill_setid
             for writer in node.writers:
                 writer.dirty = False
             relpath = node.relpath()
@@ -813,7 +816,8 @@ class Filesystem(pyfuse3.Operations):
                 return
             parent, name = node.location
             try:
-                await self.workers.run(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty)
+                await self.workers.run(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty,
+                                       kill_setid)
             except Rejected:
                 if node.pending:
                     # A new file whose first content is refused never existed. The kernel must
@@ -824,13 +828,14 @@ class Filesystem(pyfuse3.Operations):
                 raise
             self.inodes.committed(node)
 
-    def _commit_and_invalidate(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, keep_empty: bool) -> None:
+    def _commit_and_invalidate(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, keep_empty: bool,
+                               kill_setid: bool) -> None:
         """In a worker thread: the commit, then the kernel's cached attributes of the file are
         dropped before the writer's close() returns, so the next stat sees the new size. Pages
         need no invalidation: every open is direct I/O, and the kernel drops a direct-I/O file's
         pages itself whenever it is mapped. (The call writes to /dev/fuse, so it never runs on
         the trio thread; sharing the commit's thread saves a hop.)"""
-        self.store.commit(stage, dir_fd, name, relpath, keep_empty)
+        self.store.commit(stage, dir_fd, name, relpath, keep_empty, kill_setid)
         self._invalidate_attrs(ino)
 
     async def commit_all(self) -> int:
