@@ -219,12 +219,16 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
     """Mount and serve until unmounted. Reports readiness or the reason for failure on ready_fd."""
 
     def report(message: str) -> None:
-        if ready_fd is not None:
-            try:
-                os.write(ready_fd, message.encode() + b"\n")
-                os.close(ready_fd)
-            except OSError:
-                pass
+        if ready_fd is None:
+            # In the foreground by hand: the caller reads stderr.
+            if message != "ok":
+                print(f"fusestore mount: {message.removeprefix('error: ')}", file=sys.stderr)
+            return
+        try:
+            os.write(ready_fd, message.encode() + b"\n")
+            os.close(ready_fd)
+        except OSError:
+            pass
 
     try:
         opts = parse_options(options)
@@ -247,6 +251,10 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
     except Busy as e:
         store.close()
         report(f"error: {e}")
+        return 1
+    except OSError as e:  # a read-only tree, a state directory we may not write
+        store.close()
+        report(f"error: {e.strerror or e}: {os.path.join(store.state.path, 'lock')}")
         return 1
     setup_logging(store, foreground, "debug" in opts)
     # Modes arrive from the kernel with the caller's umask applied; ours must not mask again.

@@ -159,3 +159,106 @@ def test_crash_before_a_new_file_commits_leaves_no_trace_in_the_tree(make_mount)
     m.start()
     assert not (m.mnt / "fresh.json").exists()
     assert [p.read_bytes() for p in m.quarantine] == [b'{"a": ']
+
+
+# Several programs at once: rewrites, write-and-rename, creates and deletes, cache inserts. Each
+# prints what it did once the call returned 0, so the checker knows what must have survived.
+MIXED = textwrap.dedent("""
+    import hashlib, json, os, sys
+    mnt, role, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    first = n
+    root = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+
+    def put(path, data):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=root)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def body(name, n):
+        return json.dumps({"name": name, "n": n, "pad": "q" * ((n * 7919) % 30000)}).encode()
+
+    try:
+        while True:
+            n += 1
+            if role == "rename":
+                put(".r.tmp", body("r.json", n))
+                os.rename(".r.tmp", "r.json", src_dir_fd=root, dst_dir_fd=root)
+                print("r.json", n, flush=True)
+            elif role == "create":
+                put(f"c{n}.json", body(f"c{n}.json", n))
+                print("create", n, flush=True)
+                if n - 2 > first:
+                    os.unlink(f"c{n - 2}.json", dir_fd=root)
+                    print("delete", n - 2, flush=True)
+            elif role == "cache":
+                key = hashlib.md5(json.dumps({"url": f"https://k/{n % 5}"}, separators=(",", ":")).encode()).hexdigest()
+                try:
+                    os.mkdir(f".cache/media/{key}", dir_fd=root)
+                except FileExistsError:
+                    pass
+                put(f".cache/media/{key}/data.bin", body(key, n))
+                print("cache", key, n, flush=True)
+    except OSError:
+        sys.exit(0)
+""")
+
+
+def mixed_body(name: str, n: int) -> bytes:
+    return json.dumps({"name": name, "n": n, "pad": "q" * ((n * 7919) % 30000)}).encode()
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_under_mixed_concurrent_load(make_mount):
+    from fusestore.engine.cache import Cache
+
+    rng = random.Random(6)
+    m = make_mount()
+    rounds = int(os.environ.get("FUSESTORE_MIXED_CRASH_ROUNDS", "15"))
+    acked_r, created, deleted, cached = 0, set(), set(), {}
+    start = {"rename": 0, "create": 0, "cache": 0}
+    for round_no in range(rounds):
+        workers = {role: subprocess.Popen([sys.executable, "-c", MIXED, str(m.mnt), role, str(start[role])],
+                                          stdout=subprocess.PIPE, text=True) for role in start}
+        time.sleep(rng.uniform(0.1, 0.6))
+        m.kill()
+        for role, proc in workers.items():
+            try:
+                out, _ = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                pytest.fail(f"round {round_no}: {role} hung after the kill\n{_stacks(m.pid, proc.pid)}")
+            for line in out.splitlines():
+                what, *rest = line.split()
+                if what == "r.json":
+                    acked_r = max(acked_r, int(rest[0]))
+                elif what == "create":
+                    created.add(int(rest[0]))
+                elif what == "delete":
+                    deleted.add(int(rest[0]))
+                elif what == "cache":
+                    cached[rest[0]] = max(cached.get(rest[0], 0), int(rest[1]))
+        m.start()
+        # Every close() and rename() that returned 0 survived, whole.
+        if acked_r:
+            doc = json.loads((m.mnt / "r.json").read_bytes())
+            assert doc["n"] >= acked_r and (m.mnt / "r.json").read_bytes() == mixed_body("r.json", doc["n"])
+        for n in created - deleted:
+            path = m.mnt / f"c{n}.json"
+            assert path.read_bytes() == mixed_body(path.name, n), f"round {round_no}: c{n}.json lost"
+        for n in deleted:
+            assert not (m.mnt / f"c{n}.json").exists(), f"round {round_no}: deleted c{n}.json is back"
+        with Cache(str(m.state / "cache")) as c:
+            entries = {e.key: e for e in c.entries()}
+            assert set(entries) == set(os.listdir(m.state / "cache/media"))
+            for key, n in cached.items():
+                data = (m.mnt / f".cache/media/{key}/data.bin").read_bytes()
+                assert json.loads(data)["n"] >= n and data == mixed_body(key, json.loads(data)["n"])
+        assert not [n for n in os.listdir(m.state / "staging") if not n.startswith("pool-")]
+        # The next round goes on from the highest number seen, whatever survived.
+        start["rename"] = max(start["rename"], acked_r) + 1000
+        start["create"] = max([start["create"], *created]) + 1000
+        start["cache"] = max([start["cache"], *cached.values()]) + 1000
+    m.stop()
+    assert acked_r and len(created) > rounds and len(deleted) > rounds and cached, "the load did too little"

@@ -139,3 +139,72 @@ def test_sixteen_clients_mixing_reads_commits_and_renames(mount, capsys):
     for name, doc in last.items():
         assert json.loads((mount / name).read_text()) == doc  # no commit lost
     assert fds1 <= fds0 + 8 and rss1 - rss0 < 64 * 1024
+
+
+def test_a_read_only_backing_tree_is_refused_with_a_clear_message(tmp_path):
+    """A read-only tree cannot hold staged files, backups or the lock: the mount says so and
+    exits, whether the tree was used before or not. (Remounting the tree read-only under a
+    running daemon is refused by the kernel itself: the daemon holds files open for writing.)"""
+    real, top, mnt = tmp_path / "real", tmp_path / "top", tmp_path / "mnt"
+    for d in (real, top, mnt):
+        d.mkdir()
+    (real / "a.json").write_text('{"v": 1}')
+    if subprocess.run(["mount", "--bind", str(real), str(top)]).returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    m = Mount(top, mnt)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(top)], check=True)
+        first = fusestore("mount", str(top), str(mnt), check=False)
+        assert first.returncode != 0 and "Read-only file system" in first.stderr
+        subprocess.run(["mount", "-o", "remount,bind,rw", str(top)], check=True)
+        m.start()  # used once: now it has a state directory
+        m.stop()
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(top)], check=True)
+        again = fusestore("mount", str(top), str(mnt), check=False)
+        assert again.returncode != 0 and "Read-only file system" in again.stderr
+        foreground = fusestore("mount", "--foreground", str(top), str(mnt), check=False)
+        assert foreground.returncode != 0 and "Read-only file system" in foreground.stderr
+        assert not subprocess.run(["mountpoint", "-q", str(mnt)]).returncode == 0
+        assert json.loads((real / "a.json").read_text()) == {"v": 1}
+    finally:
+        m.stop()
+        m.kill_leftovers()
+        subprocess.run(["umount", "-l", str(top)])
+
+
+def test_a_corrupted_state_directory_does_not_stop_the_next_mount(make_mount):
+    m = make_mount()
+    write_json(m / "a.json", {"v": 1})
+    write_json(m / "a.json", {"v": 2})
+    m.stop()
+    state = m.state
+    (state / "lock").write_bytes(b"\x00garbage\xff")
+    (state / "staging" / "not-a-stage-name").write_bytes(b"{half")
+    (state / "staging" / "123-x-y.@").write_bytes(b"orphan without its .path")
+    (state / "quarantine" / "junk.reason").write_text("not json")
+    (state / "backups" / "a.json" / "stray-file").write_text("not a generation")
+    (state / "backups" / "%notdigits").write_text("odd")
+    (state / "fusestore.log").write_bytes(b"\xff\xfe binary noise\n")
+    m.start()
+    assert json.loads((m / "a.json").read_text()) == {"v": 2}
+    assert (m / ".backups/a.json/1").read_text() == '{"v": 1}'
+    status = m.status()
+    assert status["recovered_at_mount"] == 2  # the two stray staged files are in the quarantine
+    write_json(m / "a.json", {"v": 3})
+    assert fusestore("check", str(m.mnt), check=False).returncode in (0, 1)  # reports, never crashes
+
+
+def test_backing_directory_moved_away_while_mounted(make_mount, tmp_path):
+    """The daemon holds the tree by a directory fd: moving the directory (and putting another in
+    its place) changes nothing for the mount, which goes on serving the tree it mounted."""
+    m = make_mount()
+    write_json(m / "a.json", {"v": 1})
+    moved = tmp_path / "moved"
+    os.rename(m.backing, moved)
+    m.backing.mkdir()
+    write_json(m / "a.json", {"v": 2})
+    assert json.loads((moved / "a.json").read_text()) == {"v": 2}
+    assert not (m.backing / "a.json").exists()
+    assert json.loads((m / "a.json").read_text()) == {"v": 2}
+    m.backing.rmdir()
+    os.rename(moved, m.backing)  # so that the fixture finds the tree to unmount
