@@ -32,6 +32,8 @@ results = {
     "write root file 0644": attempt(lambda: write(p("root644.txt"))),
     "write root file 0666": attempt(lambda: write(p("root666.txt"))),
     "read root file 0600": attempt(lambda: open(p("root600.txt"), "rb").read()),
+    "read file 0000": attempt(lambda: open(p("none.txt"), "rb").read()),
+    "write file 0000": attempt(lambda: write(p("none.txt"))),
     "create in root dir 0755": attempt(lambda: write(p("rootdir", "new.txt"))),
     "create in open dir 0777": attempt(lambda: write(p("open", "mine.txt"))),
     "unlink other's file in sticky dir": attempt(lambda: os.unlink(p("sticky", "others.txt"))),
@@ -68,6 +70,7 @@ def prepare(root: str) -> None:
     put("root644.txt", 0o644)
     put("root666.txt", 0o666)
     put("root600.txt", 0o600)
+    put("none.txt", 0o000, USER)
     put("sticky/others.txt", 0o666, OTHER)
     put("private/f.txt", 0o644)
     put("setuid.bin", 0o6777, 0, b"old")
