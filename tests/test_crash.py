@@ -26,6 +26,7 @@ WRITER = textwrap.dedent("""
     mnt, files = sys.argv[1], int(sys.argv[2])
     n = int(sys.argv[3])
     root = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    print("ready", flush=True)
     opener = lambda path, flags: os.open(path, flags, 0o644, dir_fd=root)
     while True:
         for i in range(files):
@@ -89,10 +90,13 @@ def test_sigkill_during_commits_loses_nothing(make_mount):
     for round_no in range(ROUNDS):
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(m.mnt), str(FILES), str(next_n)],
                                   stdout=subprocess.PIPE, text=True)
+        # Kill only once the writer holds the mount's root: one that started late would open
+        # the empty directory under a mount already gone, and write there forever.
+        assert writer.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 0.4))
         m.kill()
         try:
-            out, _ = writer.communicate(timeout=30)
+            out, _ = writer.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             writer.kill()
             pytest.fail(f"round {round_no}: the writer hung after the daemon was killed\n{_stacks(m.pid, writer.pid)}")
@@ -169,6 +173,7 @@ MIXED = textwrap.dedent("""
     mnt, role, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     first = n
     root = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    print("ready", flush=True)
 
     def put(path, data):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=root)
@@ -235,11 +240,13 @@ def test_sigkill_under_mixed_concurrent_load(make_mount):
     for round_no in range(rounds):
         workers = {role: subprocess.Popen([sys.executable, "-c", MIXED, str(m.mnt), role, str(start[role])],
                                           stdout=subprocess.PIPE, text=True) for role in start}
+        for proc in workers.values():  # see test_sigkill_during_commits_loses_nothing
+            assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.1, 0.6))
         m.kill()
         for role, proc in workers.items():
             try:
-                out, _ = proc.communicate(timeout=30)
+                out, _ = proc.communicate(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 pytest.fail(f"round {round_no}: {role} hung after the kill\n{_stacks(m.pid, proc.pid)}")

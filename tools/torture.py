@@ -58,28 +58,24 @@ def outcome(fn, *args):
 
 # -- operations: each takes the root it works under and returns something comparable -----------
 
-def op_write(root, path, off, data):
-    fd = os.open(os.path.join(root, path), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+def _write(root, path, flags, data, off=None):
+    fd = os.open(os.path.join(root, path), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | flags, 0o644)
     try:
-        return os.pwrite(fd, data, off)
+        return os.write(fd, data) if off is None else os.pwrite(fd, data, off)
     finally:
         os.close(fd)
+
+
+def op_write(root, path, off, data):
+    return _write(root, path, 0, data, off)
 
 
 def op_overwrite(root, path, data):
-    fd = os.open(os.path.join(root, path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        return os.write(fd, data)
-    finally:
-        os.close(fd)
+    return _write(root, path, os.O_TRUNC, data)
 
 
 def op_append(root, path, data):
-    fd = os.open(os.path.join(root, path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
-    try:
-        return os.write(fd, data)
-    finally:
-        os.close(fd)
+    return _write(root, path, os.O_APPEND, data)
 
 
 def op_create_excl(root, path):
