@@ -22,6 +22,9 @@ _LONE_SURROGATE = re.compile(
     rb"|(?<![0-9a-fA-F]{2})(?<!\\)(?:\\\\)*\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 _UTF8_CHUNK = 1 << 20
 _SMALL = 1 << 20  # read smaller files in one call; map larger ones
+# Duplicate keys are found by decoding with Python's json, which holds the GIL (and so every
+# other request) for about 1 ms per 100 KiB: only documents up to this size pay for it.
+_DUPLICATE_CHECK = 256 << 10
 
 
 def position(data, offset: int) -> tuple[int, int]:
@@ -89,12 +92,12 @@ def json_error(data) -> str | None:
         return _at(data, offset, text)
     except RecursionError:
         return "line 1, column 1: nesting too deep"
-    return _utf8_error(data) or (_duplicate_key(data) if len(data) <= _SMALL else None)
+    return _utf8_error(data) or (_duplicate_key(data) if len(data) <= _DUPLICATE_CHECK else None)
 
 
 def _duplicate_key(data) -> str | None:
     """RFC 8259: the names in an object SHOULD be unique; parsers disagree on which duplicate
-    wins, so fusestore refuses them (in documents up to 1 MiB, which it can afford to decode)."""
+    wins, so fusestore refuses them (in documents up to 256 KiB, which it can afford to decode)."""
 
     def pairs(items: list) -> dict:
         seen = set()
