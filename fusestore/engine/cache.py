@@ -324,9 +324,6 @@ class Cache:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def key(self, url: str, params: Mapping[str, Any] | None = None) -> str:
-        return cache_key(url, params)
-
     def lookup(self, kind: str, key: str, use: bool = True) -> Entry | None:
         """The live entry of `key`, or None. An expired entry is removed; a hit with `use` counts
         as a use (LRU) and a hit; a miss counts as a miss."""
@@ -624,15 +621,6 @@ class Cache:
         for name in os.listdir(self._trash_fd):
             if name.startswith(prefix):
                 _remove_tree(self._trash_fd, name)
-
-    def remove(self, kind: str, key: str) -> bool:
-        _check_type(kind)
-        _check_key(key)
-        exists = self.db.execute("SELECT 1 FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
-        if exists is None and not self._exists_on_disk(kind, key):
-            return False
-        self._remove(kind, [key], None)
-        return True
 
     def clear(self, kind: str | None = None) -> int:
         """Remove every entry (of one type). Returns how many."""

@@ -281,16 +281,16 @@ class CacheView:
     def _commit(self, writer: CacheWriter) -> None:
         kind, key, name = writer.kind, writer.key, writer.name
         os.fsync(writer.fd)
+        current = self.cache.lookup(kind, key, use=False)
         if name == METADATA:
             fields = self._parse_metadata(writer)
-            if self.cache.lookup(kind, key, use=False) is None:
+            if current is None:
                 if (kind, key) not in self.pending:
                     raise FileNotFoundError(errno.ENOENT, "the entry is gone")
                 self.pending[(kind, key)] = fields  # waits for the data file
             else:
                 self.cache.put_metadata(kind, key, fields)
             return
-        current = self.cache.lookup(kind, key, use=False)
         if current is not None:
             fields = {k: v for k, v in current.metadata.items()}
         else:
