@@ -59,8 +59,7 @@ def new_project(root: str, name: str | None = None, parent: str = DEFAULT_PARENT
             writer.makedirs(f"{base}/{sub}")
         for log_name in schemas.PROJECT_LOGS:
             # Logs are appended through, not committed: an empty file is their start.
-            path = os.path.join(writer.mountpoint or backing, base, "logs", log_name)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            writer.touch(f"{base}/logs/{log_name}")
         for rel, doc in skeleton(project_id, name).items():
             writer.write(f"{base}/{rel}", _document(doc))
     return project_id

@@ -30,16 +30,34 @@ def _unescape_mountinfo(field: str) -> str:
     return "".join(out)
 
 
-def fusestore_mounts() -> list[tuple[str, str]]:
-    """(mountpoint, backing) of every fusestore mount on this machine."""
+def _fusestore_mountinfo() -> list[tuple[str, str, int]]:
+    """(mountpoint, backing, device number) of every fusestore mount on this machine."""
     result = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
             if len(rfields) >= 2 and rfields[0] == "fuse.fusestore":
-                result.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(rfields[1])))
+                major, _, minor = fields[2].partition(":")
+                result.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(rfields[1]),
+                               os.makedev(int(major), int(minor))))
     return result
+
+
+def fusestore_mounts() -> list[tuple[str, str]]:
+    """(mountpoint, backing) of every fusestore mount on this machine."""
+    return [(mountpoint, backing) for mountpoint, backing, _ in _fusestore_mountinfo()]
+
+
+def open_mount_root(mountpoint: str, device: int) -> int:
+    """An fd of the mount's root directory, checked to be that mount (device `device`): a path
+    string would reach the directory underneath once the mount is gone, and a program writing
+    there would fill the mountpoint instead of the tree."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if os.fstat(fd).st_dev != device:
+        os.close(fd)
+        raise OSError(errno.ENOTCONN, f"the fusestore mount on {mountpoint} is gone")
+    return fd
 
 
 def mount_of(path: str) -> tuple[str, str] | None:
@@ -85,9 +103,16 @@ class TreeWriter:
         from fusestore.engine.store import Store
 
         self.backing = os.path.realpath(backing)
-        served = [m for m, b in fusestore_mounts() if os.path.realpath(b) == self.backing]
-        self.mountpoint = served[0] if served else None
-        self.store = Store(self.backing, config_mod.load(self.backing))
+        served = [(m, dev) for m, b, dev in _fusestore_mountinfo() if os.path.realpath(b) == self.backing]
+        self.mountpoint = served[0][0] if served else None
+        # Everything through the mount is done relative to this fd, never by path: if the mount
+        # goes away meanwhile, writes fail (ENOTCONN) instead of landing under the mountpoint.
+        self.mount_fd = open_mount_root(*served[0]) if served else None
+        try:
+            self.store = Store(self.backing, config_mod.load(self.backing))
+        except BaseException:
+            self._close_mount()
+            raise
         if self.mountpoint is None:
             try:
                 self.store.state.lock()
@@ -97,6 +122,12 @@ class TreeWriter:
 
     def close(self) -> None:
         self.store.close()
+        self._close_mount()
+
+    def _close_mount(self) -> None:
+        if self.mount_fd is not None:
+            os.close(self.mount_fd)
+            self.mount_fd = None
 
     def __enter__(self) -> "TreeWriter":
         return self
@@ -107,18 +138,29 @@ class TreeWriter:
     def makedirs(self, relpath: str) -> None:
         from fusestore.engine.paths import components, open_dir
 
-        if self.mountpoint is not None:
-            os.makedirs(os.path.join(self.mountpoint, *components(relpath)), exist_ok=True)
-        else:
-            os.close(open_dir(self.store.root_fd, components(relpath), create=True))
+        base = self.store.root_fd if self.mount_fd is None else self.mount_fd
+        os.close(open_dir(base, components(relpath), create=True))
+
+    def touch(self, relpath: str) -> None:
+        """Create `relpath` empty if it does not exist (an append-through file such as a log;
+        nothing to commit), leaving an existing one as it is."""
+        from fusestore.engine.paths import components, open_dir
+
+        *parents, name = components(relpath)
+        base = self.store.root_fd if self.mount_fd is None else self.mount_fd
+        dir_fd = open_dir(base, parents)
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd))
+        finally:
+            os.close(dir_fd)
 
     def write(self, relpath: str, data: bytes | int) -> None:
         """Commit `data` (bytes, or everything an open fd holds) as the new content of
         `relpath`; raises `Rejected` when its rule refuses it (nothing changes then)."""
-        from fusestore.engine.paths import components
+        from fusestore.engine.paths import components, open_dir
         from fusestore.engine.store import Rejected
 
-        if self.mountpoint is None:
+        if self.mount_fd is None:
             if isinstance(data, int):
                 stage = self.store.stage_copy(data, relpath)
             else:
@@ -130,19 +172,23 @@ class TreeWriter:
             finally:
                 os.close(dir_fd)
             return
-        path = os.path.join(self.mountpoint, *components(relpath))
+        *parents, name = components(relpath)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                fd = os.open(path, flags, 0o644)
-                break
-            except FileNotFoundError:
-                # The kernel still knows the name of a file removed in the backing tree; the
-                # daemon has told it to forget the name (or the entry timeout runs out).
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        dir_fd = open_dir(self.mount_fd, parents)
+        try:
+            while True:
+                try:
+                    fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+                    break
+                except FileNotFoundError:
+                    # The kernel still knows the name of a file removed in the backing tree; the
+                    # daemon has told it to forget the name (or the entry timeout runs out).
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            os.close(dir_fd)
         try:
             if isinstance(data, int):
                 offset = 0

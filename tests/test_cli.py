@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -142,6 +143,29 @@ def test_restore_on_an_unmounted_tree(make_mount):
     assert not [n for n in os.listdir(m.state / "staging") if not n.startswith("pool-")]
     r = fusestore("restore", str(m.backing / "a.json"), "--generation", "7", check=False)
     assert r.returncode == 1 and "no backup generation 7" in r.stderr
+
+
+def test_a_writer_whose_mount_dies_never_writes_under_the_mountpoint(make_mount):
+    # A restore (or migrate, or new-project) that found the tree mounted and then lost the mount
+    # (the daemon killed and the dead mount cleared) used to create its file in the bare
+    # mountpoint directory, where the next mount refuses to start. It holds the mount's root by fd.
+    from fusestore.trees import TreeWriter
+
+    m = make_mount()
+    (m.mnt / "sub").mkdir()
+    with TreeWriter(str(m.backing)) as writer:
+        assert writer.mountpoint == str(m.mnt)
+        writer.write("sub/a.json", b"[1]")
+        m.kill()
+        with pytest.raises(OSError) as e:
+            writer.write("sub/a.json", b"[2]")
+        assert e.value.errno == errno.ENOTCONN
+        with pytest.raises(OSError):
+            writer.makedirs("new/dir")
+    assert os.listdir(m.mnt) == []
+    assert (m.backing / "sub/a.json").read_bytes() == b"[1]"
+    m.start()
+    assert (m.mnt / "sub/a.json").read_bytes() == b"[1]"
 
 
 def test_restore_of_an_invalid_generation_is_refused(mount):
