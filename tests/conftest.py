@@ -148,6 +148,12 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
+def report(capsys, line: str) -> None:
+    """Print a suite's figures past pytest's capture (tools/torture and CI show them)."""
+    with capsys.disabled():
+        print(f"\n{line}")
+
+
 def write_json(path: Path, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import report
+
 from fusestore.config import Cache as CacheConfig
 from fusestore.engine.cache import Cache, CacheError
 from fusestore.engine.jskey import cache_key
@@ -279,7 +281,7 @@ with Cache(root, CacheConfig(max_size=limit)) as c:
 """
 
 
-def _check_consistent(root: Path, limit: int | None = None) -> None:
+def _check_consistent(root: Path, limit: int | None = None) -> int:
     with Cache(str(root), CacheConfig(max_size=limit or "10GiB")) as c:
         entries = list(c.entries())
         for e in entries:
@@ -293,6 +295,7 @@ def _check_consistent(root: Path, limit: int | None = None) -> None:
         assert list((root / ".tmp").iterdir()) == []
         if limit is not None:
             assert c.total_bytes() <= limit
+        return len(entries)
 
 
 def test_concurrent_writers_of_same_and_different_keys(tmp_path):
@@ -307,9 +310,10 @@ def test_concurrent_writers_of_same_and_different_keys(tmp_path):
     _check_consistent(root, limit)
 
 
-def test_sigkill_during_inserts_leaves_no_partial_entry_and_a_correct_index(tmp_path):
+def test_sigkill_during_inserts_leaves_no_partial_entry_and_a_correct_index(tmp_path, capsys):
     root = tmp_path / "c"
     Cache(str(root)).close()
+    checked = 0
     rng = random.Random(11)
     rounds = int(os.environ.get("FUSESTORE_CACHE_CRASH_ROUNDS", "12"))
     for r in range(rounds):
@@ -319,7 +323,8 @@ def test_sigkill_during_inserts_leaves_no_partial_entry_and_a_correct_index(tmp_
         for p in procs:
             p.send_signal(signal.SIGKILL)
             p.wait()
-        _check_consistent(root, 30000)  # opening the cache finishes what the dead writers left
+        checked += _check_consistent(root, 30000)  # opening the cache finishes what the dead writers left
+    report(capsys, f"cache writers: {rounds} SIGKILL rounds of 2 writers, {checked} entries checked, 0 partial")
 
 
 # -- rate limits ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import report, wait_for
 
 FILES = 4
 ROUNDS = int(os.environ.get("FUSESTORE_CRASH_ROUNDS", "50"))
@@ -79,9 +79,10 @@ def version(i: int, n: int) -> bytes:
 
 
 @pytest.mark.timeout(600)
-def test_sigkill_during_commits_loses_nothing(make_mount):
+def test_sigkill_during_commits_loses_nothing(make_mount, capsys):
     rng = random.Random(20261128)
     m = make_mount()
+    acks = checked = quarantined_bytes = 0
     for i in range(FILES):
         (m.mnt / f"f{i}.json").write_bytes(version(i, 0))
     acked = {i: 0 for i in range(FILES)}
@@ -103,6 +104,7 @@ def test_sigkill_during_commits_loses_nothing(make_mount):
         for line in out.splitlines():
             i, n = map(int, line.split())
             acked[i] = max(acked[i], n)
+            acks += 1
         quarantined_before = set(m.quarantine)
         m.start()
         status = m.status()
@@ -114,15 +116,19 @@ def test_sigkill_during_commits_loses_nothing(make_mount):
             assert data == version(i, doc["n"]), f"round {round_no}: f{i}.json is not a version that was written"
             assert doc["n"] >= acked[i], f"round {round_no}: f{i}.json lost acknowledged version {acked[i]}"
             max_n = max(max_n, doc["n"])
+            checked += 1
         for kept in set(m.quarantine) - quarantined_before:
             reason = json.loads(kept.with_name(kept.name + ".reason").read_text())
             i = int(reason["path"][1:].split(".")[0])
             data = kept.read_bytes()
+            quarantined_bytes += len(data)
             # Staged data of an unfinished write: a prefix of some version of that file.
             assert any(version(i, n).startswith(data) for n in range(next_n, max_n + 50)), reason
         assert not [n for n in os.listdir(m.state / "staging") if not n.startswith("pool-")]
         next_n = max_n + 1
     m.stop()
+    report(capsys, f"commit loop: {ROUNDS} SIGKILL rounds, {acks} acknowledged commits, {checked} files checked, "
+                   f"{recovered_total} staged writes recovered ({quarantined_bytes} bytes quarantined), 0 lost")
     assert recovered_total > 0, "the kills never hit a write in progress; the test proved nothing"
 
 
@@ -228,7 +234,7 @@ def mixed_body(name: str, n: int) -> bytes:
 
 
 @pytest.mark.timeout(600)
-def test_sigkill_under_mixed_concurrent_load(make_mount):
+def test_sigkill_under_mixed_concurrent_load(make_mount, capsys):
     from fusestore.engine.cache import Cache
 
     rng = random.Random(6)
@@ -237,6 +243,7 @@ def test_sigkill_under_mixed_concurrent_load(make_mount):
     acked_r, created, deleted, cached = 0, set(), set(), {}
     start = {"rename": 0, "create": 0, "cache": 0, "restore": 0}
     written_s, uncertain = set(), set()
+    checked = cache_inserts = 0
     for round_no in range(rounds):
         workers = {role: subprocess.Popen([sys.executable, "-c", MIXED, str(m.mnt), role, str(start[role])],
                                           stdout=subprocess.PIPE, text=True) for role in start}
@@ -265,6 +272,7 @@ def test_sigkill_under_mixed_concurrent_load(make_mount):
                     deleted.add(int(rest[0]))
                 elif what == "cache":
                     cached[rest[0]] = max(cached.get(rest[0], 0), int(rest[1]))
+                    cache_inserts += 1
                 elif what == "s.json":
                     written_s.add(int(rest[0]))
         m.start()
@@ -275,6 +283,7 @@ def test_sigkill_under_mixed_concurrent_load(make_mount):
         for n in created - deleted - uncertain:
             path = m.mnt / f"c{n}.json"
             assert path.read_bytes() == mixed_body(path.name, n), f"round {round_no}: c{n}.json lost"
+            checked += 1
         for n in deleted:
             assert not (m.mnt / f"c{n}.json").exists(), f"round {round_no}: deleted c{n}.json is back"
         with Cache(str(m.state / "cache")) as c:
@@ -283,6 +292,7 @@ def test_sigkill_under_mixed_concurrent_load(make_mount):
             for key, n in cached.items():
                 data = (m.mnt / f".cache/media/{key}/data.bin").read_bytes()
                 assert json.loads(data)["n"] >= n and data == mixed_body(key, json.loads(data)["n"])
+                checked += 1
         if (m.mnt / "s.json").exists():  # written and restored: always some complete version
             doc = json.loads((m.mnt / "s.json").read_bytes())
             assert (m.mnt / "s.json").read_bytes() == mixed_body("s.json", doc["n"])
@@ -293,4 +303,7 @@ def test_sigkill_under_mixed_concurrent_load(make_mount):
         start["cache"] = max([start["cache"], *cached.values()]) + 1000
         start["restore"] = max([start["restore"], *written_s]) + 1000
     m.stop()
+    report(capsys, f"mixed load: {rounds} SIGKILL rounds, {len(created)} creates, {len(deleted)} deletes, "
+                   f"{cache_inserts} cache inserts, {len(written_s)} rewrites, last rename {acked_r}, "
+                   f"{checked} files checked, 0 lost")
     assert acked_r and len(created) > rounds and len(deleted) > rounds and cached and written_s, "the load did too little"
