@@ -17,6 +17,7 @@ from conftest import report, wait_for
 
 FILES = 4
 ROUNDS = int(os.environ.get("FUSESTORE_CRASH_ROUNDS", "50"))
+MIXED_ROUNDS = int(os.environ.get("FUSESTORE_MIXED_CRASH_ROUNDS", "50"))
 
 # Writes version n of file i, forever, and prints "i n" once close() has returned 0. It works
 # relative to an fd on the mount's root: once the daemon is gone that fd fails, where a path
@@ -78,7 +79,7 @@ def version(i: int, n: int) -> bytes:
     return json.dumps({"file": i, "n": n, "pad": "p" * ((n * 7919 + i * 104729) % 150000)}).encode()
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(120 + 10 * ROUNDS)
 def test_sigkill_during_commits_loses_nothing(make_mount, capsys):
     rng = random.Random(20261128)
     m = make_mount()
@@ -233,13 +234,13 @@ def mixed_body(name: str, n: int) -> bytes:
     return json.dumps({"name": name, "n": n, "pad": "q" * ((n * 7919) % 30000)}).encode()
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(120 + 12 * MIXED_ROUNDS)
 def test_sigkill_under_mixed_concurrent_load(make_mount, capsys):
     from fusestore.engine.cache import Cache
 
     rng = random.Random(6)
     m = make_mount()
-    rounds = int(os.environ.get("FUSESTORE_MIXED_CRASH_ROUNDS", "50"))
+    rounds = MIXED_ROUNDS
     acked_r, created, deleted, cached = 0, set(), set(), {}
     start = {"rename": 0, "create": 0, "cache": 0, "restore": 0}
     written_s, uncertain = set(), set()

@@ -541,6 +541,9 @@ class Cache:
                    json.dumps(stored))
             db.execute("INSERT OR REPLACE INTO entries VALUES(?,?,?,?,?,?,?,?,?,?,?)", row)
             db.execute("DELETE FROM intents WHERE id=?", (intent,))
+            # A retired directory of this key is gone now (trashed already, or exchanged into our
+            # build): its removal must not take the new one, even if it got the same inode number.
+            db.execute("DELETE FROM intents WHERE op='remove' AND type=? AND key=?", (kind, key))
             if not keep_times:
                 self._count(db, kind, "inserts")
             evicted = self._choose_victims(db)
@@ -702,6 +705,9 @@ class Cache:
         """Make the index row of `key` agree with the disk; returns the row (None: no entry)."""
         with self._write() as db:
             row = self._read_entry(kind, key)  # under the lock: no writer changes the key meanwhile
+            if row is not None and db.execute("SELECT 1 FROM intents WHERE op='remove' AND type=? AND key=? AND ino=?",
+                                              (kind, key, row[4])).fetchone():
+                row = None  # retired (evicted, expired, cleared), its directory not yet removed
             old = db.execute("SELECT usage_count, last_used_at FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
             if row is None:
                 db.execute("DELETE FROM entries WHERE type=? AND key=?", (kind, key))
