@@ -16,6 +16,7 @@ import msgspec
 
 from fusestore import config as config_mod
 from fusestore import control
+from fusestore.engine.paths import one_line
 from fusestore.engine.state import STATE_NAME, Busy
 from fusestore.engine.store import Rejected, Store
 from fusestore.trees import TreeNotFound, TreeWriter, find_tree, fusestore_mounts, mount_of
@@ -163,6 +164,8 @@ def _when(ts: float) -> str:
 
 
 def cmd_status(args) -> int:
+    from fusestore import maintenance
+
     mountpoint, backing = find_mount(args.mountpoint, args.root)
     try:
         reply = control.ask(os.path.join(backing, STATE_NAME), "status", timeout=30)
@@ -192,13 +195,13 @@ def cmd_status(args) -> int:
     if s.check is None:
         lines.append("check:        running")
     else:
-        problems = [f for f in s.check.findings if f.kind in ("invalid", "missing", "staged")]
+        problems = [f for f in s.check.findings if f.kind in maintenance.NEEDS_REPAIR]
         lines.append(f"check:        {s.check.checked_files} document(s), {len(problems)} problem(s)"
-                     + (" (fusestore check --repair)" if problems else ""))
+                     + (" (see fusestore check)" if problems else ""))
         for f in problems[:5]:
-            lines.append(f"  {f.kind} {f.path}: {f.detail}")
+            lines.append(f"  {f.kind} {one_line(f.path)}: {one_line(f.detail)}")
     for r in s.recent_rejections[-5:]:
-        lines.append(f"  rejected {_when(r.time)} {r.path}: {r.reason}")
+        lines.append(f"  rejected {_when(r.time)} {one_line(r.path)}: {one_line(r.reason)}")
     print("\n".join(lines))
     return 0
 
@@ -258,7 +261,7 @@ def cmd_restore(args) -> int:
             raise CommandError(f"generation {args.generation} of {relpath} was rejected: {e.reason}") from None
         finally:
             os.close(src)
-    print(f"restored {relpath} from generation {args.generation}")
+    print(f"restored {one_line(relpath)} from generation {args.generation}")
     return 0
 
 
@@ -445,7 +448,7 @@ def cmd_check(args) -> int:
         return 1 if left else 0
     for f in report.findings:
         mark = "repaired" if f.repaired else ("NEEDS REPAIR" if f.kind in maintenance.NEEDS_REPAIR else "note")
-        print(f"{mark:12} {f.kind:14} {f.path}: {f.detail}")
+        print(f"{mark:12} {f.kind:14} {one_line(f.path)}: {one_line(f.detail)}")
     print(f"{report.checked_files} document(s) in {report.projects} project(s) checked; "
           + (f"{len(left)} problem(s) left{'' if args.repair else ' (fusestore check --repair restores from backups)'}"
              if left else "nothing to repair"))
@@ -470,7 +473,7 @@ def cmd_migrate(args) -> int:
     else:
         for r in results:
             verb = "would migrate" if args.dry_run else "migrated"
-            print(f"{verb if not r.error else 'CANNOT migrate'} {r.path} ({r.type}) {r.source} -> {r.target}"
+            print(f"{verb if not r.error else 'CANNOT migrate'} {one_line(r.path)} ({r.type}) {r.source} -> {r.target}"
                   + (f": {r.error}" if r.error else ""))
         print(f"{len(results) - len(failed)} document(s) {'to migrate' if args.dry_run else 'migrated'}, "
               f"{len(failed)} left unchanged")

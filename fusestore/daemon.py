@@ -24,6 +24,7 @@ from fusestore import config as config_mod
 from fusestore import control, maintenance
 from fusestore.engine import cache as cache_mod
 from fusestore.engine.cache import Cache
+from fusestore.engine.paths import one_line
 from fusestore.engine.state import Busy
 from fusestore.engine.store import Store
 from fusestore.fs.operations import Filesystem, Options
@@ -67,10 +68,18 @@ def preflight(backing: str, mountpoint: str) -> None:
         raise MountError("/dev/fuse is missing: load the fuse module or install fuse3")
 
 
+class _OneLineFormatter(logging.Formatter):
+    """One event per line, whatever the names in it hold (see `one_line`)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(store: Store, foreground: bool, debug: bool) -> None:
     root = logging.getLogger("fusestore")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    fmt = _OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
     handler = logging.FileHandler(store.state.log_path)
     handler.setFormatter(fmt)
     root.addHandler(handler)

@@ -19,7 +19,7 @@ import msgspec
 from fusestore.engine import schemas
 from fusestore.engine.cache import Cache, directory
 from fusestore.engine.paths import components, open_dir
-from fusestore.engine.state import STATE_NAME
+from fusestore.engine.state import BACKUPS_NAME, CACHE_NAME, STATE_NAME
 from fusestore.engine.store import Rejected, Store, project_of
 
 log = logging.getLogger("fusestore")
@@ -31,7 +31,8 @@ STAGED = "staged"              # staged data left by a daemon that stopped (tree
 OUTDATED = "outdated"          # a document behind the current version: `fusestore migrate`
 QUARANTINED = "quarantined"    # rejected or orphaned bytes waiting in the quarantine
 DAMAGED_BACKUP = "damaged-backup"  # a backup generation that fails its rule
-NEEDS_REPAIR = (INVALID, MISSING, STAGED)
+SHADOWED = "shadowed"          # a real .backups or .cache at the root, hidden by the mount's own
+NEEDS_REPAIR = (INVALID, MISSING, STAGED, SHADOWED)
 
 
 class Finding(msgspec.Struct, frozen=True):
@@ -98,6 +99,13 @@ def check(store: Store, served: bool, progress: Callable[[int], None] | None = N
                     findings.append(Finding(OUTDATED, relpath, f"version {old}, current {schemas.CURRENT}"))
         finally:
             os.close(fd)
+    for name in (BACKUPS_NAME, CACHE_NAME):
+        try:
+            os.stat(name, dir_fd=store.root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        findings.append(Finding(SHADOWED, name, f"is in the backing tree, where the mount shows its own virtual "
+                                f"{name}: rename it in the backing tree to reach what it holds"))
     for project in sorted(projects):
         for required in schemas.REQUIRED_PROJECT_FILES:
             relpath = f"{project}/{required}"

@@ -143,3 +143,117 @@ def test_other_users_are_kept_out_without_allow_other(mount):
     r = subprocess.run(["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups", "ls", str(mount.mnt)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+def test_real_virtual_names_in_the_backing_tree_are_reported_not_lost(tree):
+    from conftest import Mount, fusestore, wait_for
+
+    backing, mnt = tree
+    (backing / ".backups").mkdir()
+    (backing / ".backups/mine.json").write_text('{"mine": 1}')
+    (backing / ".cache").write_text("a file, not a directory")
+    m = Mount(backing, mnt)
+    m.start()
+    try:
+        assert errno_of(os.stat, mnt / ".backups/mine.json") == errno.ENOENT  # the virtual one shows
+        assert wait_for(lambda: m.status()["check"] is not None, 30)
+        shadowed = sorted(f["path"] for f in m.status()["check"]["findings"] if f["kind"] == "shadowed")
+        assert shadowed == [".backups", ".cache"]
+        assert "2 problem(s)" in fusestore("status", str(mnt)).stdout
+        r = fusestore("check", str(mnt), check=False)
+        assert r.returncode == 1 and "shadowed       .backups: is in the backing tree" in r.stdout
+        assert "shadowed .backups" in (m.state / "fusestore.log").read_text()
+    finally:
+        m.stop()
+    assert (backing / ".backups/mine.json").read_text() == '{"mine": 1}'
+
+
+def test_long_names_and_control_characters_in_names(mount):
+    plain = mount.backing.parent / "plain"
+    plain.mkdir()
+    longest = "n" * 250 + ".json"
+    for base in (mount.mnt, plain):
+        write_json(base / longest, {"v": 1})
+        write_json(base / longest, {"v": 2})
+        assert errno_of(open, base / ("x" + longest), "w") == errno.ENAMETOOLONG
+    assert json.loads((mount / ".backups" / longest / "1").read_text()) == {"v": 1}
+    forged = "bad\n2026-01-01 00:00:00,000 INFO all is well\x1b[2J.json"
+    with pytest.raises(OSError) as e:
+        with open(mount / forged, "w") as f:
+            f.write("[1,")
+    assert e.value.errno == errno.EBADMSG
+    write_json(mount / "tab\there.json", {"ok": True})
+    assert sorted(os.listdir(mount.mnt)) == sorted([longest, "tab\there.json"])
+    assert sorted(os.listdir(mount / ".backups")) == [longest]
+    # One event per line: the name cannot forge a line of the log or of status.
+    log = (mount.state / "fusestore.log").read_text()
+    assert "INFO all is well" not in [line.split(" ", 2)[-1] for line in log.splitlines()]
+    assert "rejected bad\\n2026-01-01 00:00:00,000 INFO all is well\\x1b[2J.json: line 1" in log
+    status = subprocess.run([sys.executable, "-m", "fusestore", "status", str(mount.mnt)],
+                            capture_output=True, text=True, check=True).stdout
+    assert "\x1b" not in status and "rejected" in status and "bad\\n2026" in status
+    assert mount.status()["recent_rejections"][-1]["path"] == forged  # JSON keeps the real name
+
+
+SWAPPER_CLIENT = r"""
+import json, os, sys
+d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+for i in range(int(sys.argv[2])):
+    name = f"f{i % 7}.json"
+    fd = os.open(".w.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=d)
+    os.write(fd, json.dumps({"i": i}).encode())
+    os.close(fd)
+    os.rename(".w.tmp", name, src_dir_fd=d, dst_dir_fd=d)
+    fd = os.open(name, os.O_RDONLY, dir_fd=d)
+    json.loads(os.read(fd, 1 << 16))
+    os.close(fd)
+    if i % 5 == 0:
+        os.unlink(name, dir_fd=d)
+print("ok")
+"""
+
+
+def test_symlinks_swapped_into_the_backing_tree_during_operations(mount, tmp_path):
+    # Another program keeps replacing the backing directory `d` by a symlink to a directory
+    # outside while a client works in d through the mount (holding d open, as a program in it
+    # would) and restores and checks run: the daemon works on the directory it holds, refuses
+    # paths that now cross a link, and never writes outside.
+    import threading
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (mount / "d").mkdir()
+    write_json(mount / "d/r.json", {"r": 1})
+    write_json(mount / "d/r.json", {"r": 2})
+    d, real = mount.backing / "d", mount.backing / "d.real"
+    stop = threading.Event()
+    swaps = 0
+
+    def swapper():
+        nonlocal swaps
+        while not stop.is_set():
+            os.rename(d, real)
+            os.symlink(outside, d)
+            os.unlink(d)
+            os.rename(real, d)
+            swaps += 1
+
+    thread = threading.Thread(target=swapper)
+    client = subprocess.Popen([sys.executable, "-c", SWAPPER_CLIENT, str(mount / "d"), "400"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    thread.start()
+    try:
+        for _ in range(10):
+            subprocess.run([sys.executable, "-m", "fusestore", "restore", str(mount / "d/r.json")],
+                           capture_output=True, timeout=60)
+            subprocess.run([sys.executable, "-m", "fusestore", "check", str(mount.mnt)], capture_output=True, timeout=60)
+        out, err = client.communicate(timeout=120)
+    finally:
+        stop.set()
+        thread.join()
+    assert swaps > 10
+    assert client.returncode == 0 and out.strip() == "ok", err
+    assert list(outside.iterdir()) == [], "something was written through the swapped-in link"
+    for p in (mount / "d").iterdir():
+        json.loads(p.read_bytes())  # every file in d a complete document
+    assert mount.status()["pid"]  # the daemon is still serving

@@ -21,6 +21,31 @@ RENAME_EXCHANGE = 2
 _ficlone = 0x40049409
 
 
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters and undecodable bytes escaped (`\\n`, `\\x1b`), for logs
+    and terminal output: a file may be named `a\\n2026-01-01 INFO ...`, and must not be able to
+    forge a line of the log."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
 def components(relpath: str) -> list[str]:
     """Split a relative path into names, refusing anything that could leave the tree."""
     parts = [p for p in relpath.split("/") if p not in ("", ".")]

@@ -17,6 +17,9 @@ import os
 from fusestore.engine.paths import DIR_FLAGS
 
 STATE_NAME = ".fusestore"
+# The virtual directories a mount shows at its root, over whatever the backing tree has there.
+BACKUPS_NAME = ".backups"
+CACHE_NAME = ".cache"
 
 
 class Busy(Exception):

@@ -18,10 +18,10 @@ import time
 import pyfuse3
 
 from fusestore.engine.backups import Backups
+from fusestore.engine.state import BACKUPS_NAME, CACHE_NAME
 from fusestore.fs.nodes import InodeTable, VirtualNode
 
-BACKUPS_NAME = ".backups"
-CACHE_NAME = ".cache"
+__all__ = ["BACKUPS_NAME", "CACHE_NAME", "Attrs", "BackupsView", "GenerationReader"]
 _DIR_MODE = stat.S_IFDIR | 0o555
 
 
