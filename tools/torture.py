@@ -245,6 +245,13 @@ def run(mount_root: str, plain_root: str, ops: int, seed: int, check_every: int 
         raise Mismatch(f"seed {seed}, after {len(ex.history)} operations: {e}\nlast operations:\n  {tail}") from None
 
 
+def daemon_usage(pid: int) -> tuple[int, int]:
+    """The daemon's resident memory (MiB) and open file descriptors."""
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return rss // 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ops", type=int, default=20000)
@@ -259,16 +266,21 @@ def main() -> int:
         os.mkdir(d)
     fusestore = [sys.executable, "-m", "fusestore"]
     subprocess.run([*fusestore, "mount", backing, mnt], check=True)
+    with open(os.path.join(backing, ".fusestore", "lock")) as f:
+        pid = int(f.read().strip())
+    before = daemon_usage(pid)
     t = time.monotonic()
     try:
         run(mnt, plain, ops, seed)
+        after = daemon_usage(pid)
     except Mismatch as e:
         print(f"FAILED: {e}\nreplay: tools/torture --seed {seed} --ops {ops}", file=sys.stderr)
         return 1
     finally:
         subprocess.run([*fusestore, "unmount", mnt])
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{ops} operations, seed {seed}: mount and plain directory agree ({time.monotonic() - t:.0f}s)")
+    print(f"{ops} operations, seed {seed}: mount and plain directory agree, 0 failures "
+          f"({time.monotonic() - t:.0f}s; daemon RSS {before[0]} -> {after[0]} MiB, open fds {before[1]} -> {after[1]})")
     return 0
 
 
