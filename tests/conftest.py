@@ -18,6 +18,19 @@ from fusestore.cli import process_alive
 FUSESTORE = [sys.executable, "-m", "fusestore"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """FUSESTORE_TIMEOUT_SCALE multiplies every test's timeout: tools/vm-test sets it when the
+    guest runs under software emulation, which is many times slower than the machine."""
+    scale = float(os.environ.get("FUSESTORE_TIMEOUT_SCALE", "1"))
+    if scale == 1:
+        return
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        seconds = float(marker.args[0] if marker and marker.args else config.getini("timeout") or 0)
+        if seconds > 0:
+            item.add_marker(pytest.mark.timeout(seconds * scale), append=False)
+
+
 def fusestore(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     result = subprocess.run([*FUSESTORE, *args], capture_output=True, text=True, timeout=60, **kw)
     if check and result.returncode != 0:

@@ -310,6 +310,7 @@ from fusestore.config import Cache as CacheConfig
 root, seed, count, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
 with Cache(root, CacheConfig(max_size=limit)) as c:
+    print("ready", flush=True)
     for i in range(count):
         url = f"https://x/{rng.randrange(12)}"
         body = f"{url}|{seed}|{i}|".encode() * rng.randint(10, 300)
@@ -361,13 +362,16 @@ def test_sigkill_during_inserts_leaves_no_partial_entry_and_a_correct_index(tmp_
     rounds = CACHE_CRASH_ROUNDS
     for r in range(rounds):
         procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(100 * r + k), "1000", "30000"],
-                                  stdout=subprocess.DEVNULL) for k in range(2)]
-        time.sleep(0.4 + rng.random() * 0.6)
+                                  stdout=subprocess.PIPE, text=True) for k in range(2)]
+        for p in procs:  # kill them at work, not while Python starts (slow in an emulated VM)
+            assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.1 + rng.random() * 0.6)
         for p in procs:
             p.send_signal(signal.SIGKILL)
-            p.wait()
+            p.communicate()
         checked += _check_consistent(root, 30000)  # opening the cache finishes what the dead writers left
     report(capsys, f"cache writers: {rounds} SIGKILL rounds of 2 writers, {checked} entries checked, 0 partial")
+    assert checked > rounds, "the writers hardly wrote before they were killed; the test proved little"
 
 
 # -- rate limits ------------------------------------------------------------------------------
