@@ -178,8 +178,10 @@ class Exerciser:
         return bytes(self.rng.randrange(256) for _ in range(self.rng.choice([0, 1, 7, 100, 5000])))
 
     def _multilinked(self, path: str) -> bool:
+        """Whether writing `path` would write a file with several hard links (through a
+        symlink too: `l0 -> f0` writes f0)."""
         try:
-            st = os.lstat(os.path.join(self.roots[1], path))
+            st = os.stat(os.path.join(self.roots[1], path))
         except OSError:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_nlink > 1
@@ -214,9 +216,6 @@ class Exerciser:
         fn, rest = args[0], args[1:]
         if fn is op_rename and rest[2] == 2 and (self._multilinked(rest[0]) or self._multilinked(rest[1])):
             return
-        if fn is op_link:
-            # A new hard link of a file: from now on it is not written (see the docstring).
-            pass
         results = [outcome(fn, root, *rest) for root in self.roots]
         self.history.append(f"{fn.__name__}{tuple(rest)!r}"[:200])
         if results[0] != results[1]:
