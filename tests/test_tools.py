@@ -155,6 +155,26 @@ def test_commit_replaces_only_the_name_written_through(mount):
     assert (mount / "b.txt").read_text() == "old"
 
 
+def test_every_name_of_a_hard_linked_file_sees_a_change_made_through_another(mount):
+    # Each name is its own inode through the mount, so the kernel caches each one's attributes
+    # apart; a change through one name must not leave the others stale (found by tools/torture).
+    (mount / "a.txt").write_text("x")
+    assert sh(f"ln {mount / 'a.txt'} {mount / 'b.txt'} && ln {mount / 'b.txt'} {mount / 'c.txt'}").returncode == 0
+    names = [mount / n for n in ("a.txt", "b.txt", "c.txt")]
+    assert [p.stat().st_nlink for p in names] == [3, 3, 3]
+    assert sh(f"chmod 700 {mount / 'c.txt'} && touch -d '2021-05-06 07:08:09' {mount / 'b.txt'}").returncode == 0
+    assert {(p.stat().st_mode & 0o777, int(p.stat().st_mtime)) for p in names} == {(0o700, int(names[1].stat().st_mtime))}
+    assert sh(f"rm {mount / 'a.txt'}").returncode == 0
+    assert [p.stat().st_nlink for p in names[1:]] == [2, 2]
+    (mount / "other.txt").write_text("y")
+    assert sh(f"mv {mount / 'other.txt'} {mount / 'b.txt'}").returncode == 0  # b's old file loses a name
+    assert (mount / "c.txt").stat().st_nlink == 1
+    assert (mount / "c.txt").read_text() == "x"
+    os.link(mount / "c.txt", mount / "d.txt")
+    (mount / "d.txt").write_text("z")  # a commit: d.txt gets a new inode, c.txt keeps the old one
+    assert [(mount / n).stat().st_nlink for n in ("c.txt", "d.txt")] == [1, 1]
+
+
 def test_chmod_touch_find(mount):
     (mount / "d/e").mkdir(parents=True)
     write_json(mount / "d/e/f.json", {})

@@ -113,6 +113,10 @@ class Filesystem(pyfuse3.Operations):
         self.workers = Workers()
         self.backups_view = BackupsView(store.backups)
         self.cache_view = CacheView(cache, store, self.workers)
+        # Our inodes of files with several hard links, by backing (st_dev, st_ino). Each name is
+        # its own inode here, so the kernel caches each name's attributes apart: a change made
+        # through one name (chmod, link, unlink, a commit) drops the others' cached attributes.
+        self._linked: dict[tuple[int, int], set[int]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -159,7 +163,31 @@ class Filesystem(pyfuse3.Operations):
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
+        if st.st_nlink > 1 and stat.S_ISREG(st.st_mode) and isinstance(node, Node):
+            self._linked.setdefault((st.st_dev, st.st_ino), set()).add(ino)
         return e
+
+    def _other_names(self, st, but: int | None = None) -> list[int]:
+        """Our inodes known to the kernel for other hard links of the file `st` describes."""
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return []
+        key = (st.st_dev, st.st_ino)
+        inos = self._linked.get(key)
+        if not inos:
+            return []
+        inos &= {ino for ino in inos if isinstance(self.inodes.get(ino), Node)}
+        if not inos:
+            del self._linked[key]
+        return [ino for ino in inos if ino != but]
+
+    async def _drop_cached_attrs(self, inos: list[int]) -> None:
+        if inos:
+            await self.workers.run(self._invalidate_each, inos)
+
+    @classmethod
+    def _invalidate_each(cls, inos: list[int]) -> None:
+        for ino in inos:
+            cls._invalidate_attrs(ino)
 
     def _stat(self, node: Node):
         if node.fd is not None:
@@ -348,7 +376,10 @@ class Filesystem(pyfuse3.Operations):
             await self._truncate(node, attr.st_size, self.handles.get(fh) if fh is not None else None)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
             await self.workers.run(self._set_metadata, node, attr, fields)
-        return self._entry(inode, self._stat(node))
+        st = self._stat(node)
+        if st.st_nlink > 1:
+            await self._drop_cached_attrs(self._other_names(st, inode))
+        return self._entry(inode, st)
 
     def _set_metadata(self, node: Node, attr, fields) -> None:
         if node.pending and node.stage is not None:
@@ -479,10 +510,10 @@ class Filesystem(pyfuse3.Operations):
         parent, name = node.location
         os.link(name, new_name, src_dir_fd=parent.fd, dst_dir_fd=new_parent.fd, follow_symlinks=False)
         st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
-        # The source's link count changed. Dropping cached attributes takes no inode lock in
-        # the kernel, so it is safe while the kernel holds the source for this request, and it
-        # lands before the reply, so a stat right after link(2) sees the new count.
-        await self.workers.run(self._invalidate_attrs, node.ino)
+        # The link count of every other name changed. Dropping cached attributes takes no inode
+        # lock in the kernel, so it is safe while the kernel holds the source for this request,
+        # and it lands before the reply, so a stat right after link(2) sees the new count.
+        await self._drop_cached_attrs(sorted({node.ino, *self._other_names(st)}))
         return self._looked_up(self._known(new_parent, new_name, st), st)
 
     def _writable_dir(self, ino: int) -> Node:
@@ -514,6 +545,8 @@ class Filesystem(pyfuse3.Operations):
         node = self.inodes.find(parent, name)
         if node is not None:
             self.inodes.unplace(node)
+        if st.st_nlink > 1:
+            await self._drop_cached_attrs(self._other_names(st, node.ino if node else None))
 
     def _unlink_keeping_backup(self, dir_fd: int, name: bytes, relpath: str) -> None:
         self.store.keep_backup(dir_fd, name, relpath)
@@ -558,6 +591,8 @@ class Filesystem(pyfuse3.Operations):
             self.inodes.place(src, new_parent, name_new)
         if dst is not None and flags & RENAME_EXCHANGE:
             self.inodes.place(dst, old_parent, name_old)
+        elif dst_st is not None and dst_st.st_nlink > 1:  # the replaced file lost a name
+            await self._drop_cached_attrs(self._other_names(dst_st, dst.ino if dst else None))
 
     def _rename(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_exists) -> None:
         # Content that may not stand under its new name is refused before anything moves.
@@ -815,6 +850,12 @@ class Filesystem(pyfuse3.Operations):
                 await self.workers.run(self.store.discard, stage)
                 return
             parent, name = node.location
+            old = None
+            if not node.pending:
+                try:
+                    old = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
             try:
                 await self.workers.run(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty,
                                        kill_setid)
@@ -827,6 +868,9 @@ class Filesystem(pyfuse3.Operations):
                     await self.workers.run(self._invalidate_entry, parent.ino, name)
                 raise
             self.inodes.committed(node)
+            if old is not None and old.st_nlink > 1:
+                # The name now has a new inode; the file it left has one name fewer.
+                await self._drop_cached_attrs(self._other_names(old, node.ino))
 
     def _commit_and_invalidate(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, keep_empty: bool,
                                kill_setid: bool) -> None:
