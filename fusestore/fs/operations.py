@@ -117,6 +117,7 @@ class Filesystem(pyfuse3.Operations):
         # its own inode here, so the kernel caches each name's attributes apart: a change made
         # through one name (chmod, link, unlink, a commit) drops the others' cached attributes.
         self._linked: dict[tuple[int, int], set[int]] = {}
+        self._linked_key: dict[int, tuple[int, int]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -164,7 +165,8 @@ class Filesystem(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         if st.st_nlink > 1 and stat.S_ISREG(st.st_mode) and isinstance(node, Node):
-            self._linked.setdefault((st.st_dev, st.st_ino), set()).add(ino)
+            key = self._linked_key[ino] = (st.st_dev, st.st_ino)
+            self._linked.setdefault(key, set()).add(ino)
         return e
 
     def _other_names(self, st, but: int | None = None) -> list[int]:
@@ -178,6 +180,7 @@ class Filesystem(pyfuse3.Operations):
         inos &= {ino for ino in inos if isinstance(self.inodes.get(ino), Node)}
         if not inos:
             del self._linked[key]
+            return []
         return [ino for ino in inos if ino != but]
 
     async def _drop_cached_attrs(self, inos: list[int]) -> None:
@@ -339,6 +342,12 @@ class Filesystem(pyfuse3.Operations):
                 self.inodes.forget(ino, count)
             except Exception:
                 log.exception("forget of inode %d failed", ino)
+            if ino in self._linked_key and self.inodes.get(ino) is None:
+                key = self._linked_key.pop(ino)
+                names = self._linked.get(key, set())
+                names.discard(ino)
+                if not names:
+                    self._linked.pop(key, None)
 
     @_errors
     async def getattr(self, inode, ctx):
