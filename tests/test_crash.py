@@ -250,11 +250,14 @@ def test_sigkill_under_mixed_concurrent_load(make_mount, capsys):
                                           stdout=subprocess.PIPE, text=True) for role in start}
         for proc in workers.values():  # see test_sigkill_during_commits_loses_nothing
             assert proc.stdout.readline().strip() == "ready"
+        # Every program has done something (in an emulated VM, starting takes most of a second).
+        first = {role: proc.stdout.readline() for role, proc in workers.items()}
         time.sleep(rng.uniform(0.1, 0.6))
         m.kill()
         for role, proc in workers.items():
             try:
                 out, _ = proc.communicate(timeout=120)
+                out = first[role] + out
             except subprocess.TimeoutExpired:
                 proc.kill()
                 pytest.fail(f"round {round_no}: {role} hung after the kill\n{_stacks(m.pid, proc.pid)}")

@@ -173,6 +173,12 @@ def test_every_name_of_a_hard_linked_file_sees_a_change_made_through_another(mou
     os.link(mount / "c.txt", mount / "d.txt")
     (mount / "d.txt").write_text("z")  # a commit: d.txt gets a new inode, c.txt keeps the old one
     assert [(mount / n).stat().st_nlink for n in ("c.txt", "d.txt")] == [1, 1]
+    # A symlink can have hard links too (seed 102 of tools/torture found it).
+    os.symlink("c.txt", mount / "s1")
+    os.link(mount / "s1", mount / "s2", follow_symlinks=False)
+    assert os.lstat(mount / "s1").st_nlink == 2
+    os.unlink(mount / "s2")
+    assert os.lstat(mount / "s1").st_nlink == 1
 
 
 def test_chmod_touch_find(mount):

@@ -164,14 +164,14 @@ class Filesystem(pyfuse3.Operations):
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
-        if st.st_nlink > 1 and stat.S_ISREG(st.st_mode) and isinstance(node, Node):
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and isinstance(node, Node):
             key = self._linked_key[ino] = (st.st_dev, st.st_ino)
             self._linked.setdefault(key, set()).add(ino)
         return e
 
     def _other_names(self, st, but: int | None = None) -> list[int]:
         """Our inodes known to the kernel for other hard links of the file `st` describes."""
-        if st is None or not stat.S_ISREG(st.st_mode):
+        if st is None or stat.S_ISDIR(st.st_mode):  # symlinks and fifos can have hard links too
             return []
         key = (st.st_dev, st.st_ino)
         inos = self._linked.get(key)
