@@ -161,6 +161,29 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
+class Output:
+    """A child's stdout (a binary pipe) read straight from the fd, so that lines taken with
+    `readline()` and the rest taken by `rest()` (communicate, which reads the fd itself) add up to
+    everything it printed: a buffered readline keeps read-ahead bytes communicate() never sees."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.buf = proc, b""
+
+    def readline(self) -> str:
+        while b"\n" not in self.buf:
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            self.buf += chunk
+        line, sep, self.buf = self.buf.partition(b"\n")
+        return (line + sep).decode()
+
+    def rest(self, timeout: float) -> str:
+        out, _ = self.proc.communicate(timeout=timeout)
+        rest, self.buf = self.buf + (out or b""), b""
+        return rest.decode()
+
+
 def report(capsys, line: str) -> None:
     """Print a suite's figures past pytest's capture (tools/torture and CI show them)."""
     with capsys.disabled():

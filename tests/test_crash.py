@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import report, wait_for
+from conftest import Output, report, wait_for
 
 FILES = 4
 ROUNDS = int(os.environ.get("FUSESTORE_CRASH_ROUNDS", "50"))
@@ -91,14 +91,15 @@ def test_sigkill_during_commits_loses_nothing(make_mount, capsys):
     recovered_total = 0
     for round_no in range(ROUNDS):
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(m.mnt), str(FILES), str(next_n)],
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE)
+        output = Output(writer)
         # Kill only once the writer holds the mount's root: one that started late would open
         # the empty directory under a mount already gone, and write there forever.
-        assert writer.stdout.readline().strip() == "ready"
+        assert output.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 0.4))
         m.kill()
         try:
-            out, _ = writer.communicate(timeout=120)
+            out = output.rest(timeout=120)
         except subprocess.TimeoutExpired:
             writer.kill()
             pytest.fail(f"round {round_no}: the writer hung after the daemon was killed\n{_stacks(m.pid, writer.pid)}")
@@ -247,17 +248,17 @@ def test_sigkill_under_mixed_concurrent_load(make_mount, capsys):
     checked = cache_inserts = 0
     for round_no in range(rounds):
         workers = {role: subprocess.Popen([sys.executable, "-c", MIXED, str(m.mnt), role, str(start[role])],
-                                          stdout=subprocess.PIPE, text=True) for role in start}
-        for proc in workers.values():  # see test_sigkill_during_commits_loses_nothing
-            assert proc.stdout.readline().strip() == "ready"
+                                          stdout=subprocess.PIPE) for role in start}
+        outputs = {role: Output(proc) for role, proc in workers.items()}
+        for output in outputs.values():  # see test_sigkill_during_commits_loses_nothing
+            assert output.readline().strip() == "ready"
         # Every program has done something (in an emulated VM, starting takes most of a second).
-        first = {role: proc.stdout.readline() for role, proc in workers.items()}
+        first = {role: output.readline() for role, output in outputs.items()}
         time.sleep(rng.uniform(0.1, 0.6))
         m.kill()
         for role, proc in workers.items():
             try:
-                out, _ = proc.communicate(timeout=120)
-                out = first[role] + out
+                out = first[role] + outputs[role].rest(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 pytest.fail(f"round {round_no}: {role} hung after the kill\n{_stacks(m.pid, proc.pid)}")
