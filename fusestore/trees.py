@@ -135,11 +135,15 @@ class TreeWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def _base_fd(self) -> int:
+        """Where paths start: the mount's root when served, else the backing tree's."""
+        return self.store.root_fd if self.mount_fd is None else self.mount_fd
+
     def makedirs(self, relpath: str) -> None:
         from fusestore.engine.paths import components, open_dir
 
-        base = self.store.root_fd if self.mount_fd is None else self.mount_fd
-        os.close(open_dir(base, components(relpath), create=True))
+        os.close(open_dir(self._base_fd, components(relpath), create=True))
 
     def touch(self, relpath: str) -> None:
         """Create `relpath` empty if it does not exist (an append-through file such as a log;
@@ -147,8 +151,7 @@ class TreeWriter:
         from fusestore.engine.paths import components, open_dir
 
         *parents, name = components(relpath)
-        base = self.store.root_fd if self.mount_fd is None else self.mount_fd
-        dir_fd = open_dir(base, parents)
+        dir_fd = open_dir(self._base_fd, parents)
         try:
             os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd))
         finally:

@@ -859,14 +859,8 @@ class Filesystem(pyfuse3.Operations):
                 await self.workers.run(self.store.discard, stage)
                 return
             parent, name = node.location
-            old = None
-            if not node.pending:
-                try:
-                    old = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    pass
             try:
-                await self.workers.run(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty,
+                left = await self.workers.run(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty,
                                        kill_setid)
             except Rejected:
                 if node.pending:
@@ -877,19 +871,24 @@ class Filesystem(pyfuse3.Operations):
                     await self.workers.run(self._invalidate_entry, parent.ino, name)
                 raise
             self.inodes.committed(node)
-            if old is not None and old.st_nlink > 1:
-                # The name now has a new inode; the file it left has one name fewer.
-                await self._drop_cached_attrs(self._other_names(old, node.ino))
+            if left is not None:  # the name has a new inode; the file it left has one name fewer
+                await self._drop_cached_attrs(self._other_names(left, node.ino))
 
     def _commit_and_invalidate(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, keep_empty: bool,
-                               kill_setid: bool) -> None:
+                               kill_setid: bool) -> os.stat_result | None:
         """In a worker thread: the commit, then the kernel's cached attributes of the file are
         dropped before the writer's close() returns, so the next stat sees the new size. Pages
         need no invalidation: every open is direct I/O, and the kernel drops a direct-I/O file's
         pages itself whenever it is mapped. (The call writes to /dev/fuse, so it never runs on
-        the trio thread; sharing the commit's thread saves a hop.)"""
+        the trio thread; sharing the commit's thread saves a hop.) Returns the stat of the file the
+        name had before, when that file has other hard links (their attributes changed too)."""
+        try:
+            before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            before = None
         self.store.commit(stage, dir_fd, name, relpath, keep_empty, kill_setid)
         self._invalidate_attrs(ino)
+        return before if before is not None and before.st_nlink > 1 else None
 
     async def commit_all(self) -> int:
         """Commit (or quarantine) every staged file; used when unmounting. Returns how many."""
