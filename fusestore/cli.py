@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import errno
 import logging
 import os
 import subprocess
@@ -410,8 +409,11 @@ def cmd_gc(args) -> int:
     if args.json:
         _print_json(report)
     else:
+        over = f", {report.backups_over_budget} of them to stay under {store.config.backups.max_bytes}" \
+            if report.backups_over_budget else ""
         print(f"backups: removed {report.backups_removed} generation(s) older than "
-              f"{store.config.backups.max_age_days:g} days")
+              f"{store.config.backups.max_age_days:g} days or past the size budget{over}; "
+              f"{report.backup_bytes} bytes left")
         print(f"cache: removed {report.cache_expired} expired entr{'y' if report.cache_expired == 1 else 'ies'}")
     return 0
 

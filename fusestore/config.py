@@ -1,8 +1,8 @@
 """The configuration: `fusestore.toml` in the backing tree, or a file given with `--config`.
 
-Owns the rules that decide, for each path, how a write is validated, whether backups are kept and
-whether the file is staged or appended through. Decoding is strict: an unknown key or a value of
-the wrong type stops the mount with a message that names it.
+Owns the rules that decide, for each path, how a write is validated, whether backups are kept
+and whether the file is staged, written in place (`direct`) or appended through. Decoding is
+strict: an unknown key or a value of the wrong type stops the mount with a message that names it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     glob: str
     validate: Literal["json", "none"] = "none"
     backups: bool = True
-    mode: Literal["staged", "append"] = "staged"
+    mode: Literal["staged", "direct", "append"] = "staged"
     schema: str | None = None
 
     def __post_init__(self) -> None:
@@ -67,12 +67,21 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class Backups(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     keep: int = 3  # generations kept per file
     max_age_days: float = 7.0  # `gc` drops older generations, but never generation 1 of a live file
+    # Space all generations may take on disk; past it the oldest go first (never generation 1
+    # of a live file). A size ("10GiB") or a number of bytes.
+    max_bytes: str | int = "10GiB"
 
     def __post_init__(self) -> None:
         if self.keep < 1:
             raise ValueError("backups.keep must be at least 1")
         if self.max_age_days <= 0:
             raise ValueError("backups.max_age_days must be positive")
+        if self.budget <= 0:
+            raise ValueError("backups.max_bytes must be positive")
+
+    @property
+    def budget(self) -> int:
+        return parse_size(self.max_bytes)
 
 
 class Mount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -134,8 +143,17 @@ def _schema_rules() -> tuple[Rule, ...]:
     return tuple(Rule(glob=glob, validate="json", schema=name) for glob, name in BINDINGS)
 
 
+# Files that keep their own consistency (SQLite's journal, WAL and locks) are written in place.
+# A database keeps a backup when it is deleted or renamed over; its side files, which SQLite
+# makes and removes with every transaction, do not.
+_DIRECT_RULES = (
+    *(Rule(glob=g, mode="direct") for g in ("*.db", "*.sqlite", "*.sqlite3")),
+    *(Rule(glob=g, mode="direct", backups=False) for g in ("*-journal", "*-wal", "*-shm")),
+)
+
 DEFAULT_RULES: tuple[Rule, ...] = (
     *_schema_rules(),
+    *_DIRECT_RULES,
     Rule(glob="*.log", mode="append", backups=False),
     Rule(glob="*.json", validate="json"),
     Rule(glob="*"),

@@ -104,7 +104,7 @@ class Daemon:
         files, gens, size = _backup_figures(self.store.state.backups_fd)
         return control.Status(
             backing=self.store.backing, mountpoint=self.mountpoint, pid=os.getpid(), started=self.started,
-            uptime_seconds=time.time() - self.started, open_staged_files=self.fs.open_stages(),
+            uptime_seconds=time.time() - self.started, open_staged_files=self.fs.files.open_versions(),
             open_handles=len(self.fs.handles), known_inodes=len(self.fs.inodes.by_ino),
             commits=stats.commits, rejections=stats.rejections, quarantined=stats.quarantined,
             quarantine_entries=len(self.store.quarantine_entries()), backups_kept=stats.backups_kept,
@@ -119,7 +119,7 @@ class Daemon:
         if self.stopping:
             return 0
         self.stopping = True
-        count = await self.fs.commit_all()
+        count = await self.fs.files.commit_all()
         log.info("unmounting %s (%d staged file(s) committed or quarantined)", self.mountpoint, count)
         pyfuse3.terminate()
         return count
@@ -198,6 +198,8 @@ class Daemon:
         to the log and to status. It never stops the mount."""
         try:
             report = await self.fs.workers.run(maintenance.check, self.store, True)
+            # Count what backups take now, so that the first commit need not (their budget).
+            await self.fs.workers.run(self.store.backups.usage)
         except Exception:  # noqa: BLE001 - a failed check must not end the daemon
             log.exception("the background check failed")
             return

@@ -18,7 +18,6 @@ import msgspec
 
 from fusestore.engine import schemas
 from fusestore.engine.cache import Cache, directory
-from fusestore.engine.paths import components, open_dir
 from fusestore.engine.state import BACKUPS_NAME, CACHE_NAME, STATE_NAME
 from fusestore.engine.store import Rejected, Store, project_of
 
@@ -217,29 +216,18 @@ def migrate(store: Store, writer, dry_run: bool, progress: Callable[[int, int], 
 
 class GcReport(msgspec.Struct):
     backups_removed: int
+    backups_over_budget: int  # of those, dropped to keep backups under backups.max_bytes
+    backup_bytes: int  # what the generations left take on disk
     cache_expired: int
 
 
 def gc(store: Store) -> GcReport:
-    """Drop backup generations older than `backups.max_age_days` (never generation 1 of a file
-    that still exists) and expired cache entries."""
+    """Drop backup generations older than `backups.max_age_days`, then the oldest while backups
+    take more than `backups.max_bytes` (never generation 1 of a file that still exists), and
+    expired cache entries."""
     cutoff = time.time_ns() - int(store.config.backups.max_age_days * 86400e9)
-
-    def exists(relpath: str) -> bool:
-        try:
-            parts = components(relpath)
-            dfd = open_dir(store.root_fd, parts[:-1])
-        except OSError:
-            return False
-        try:
-            os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(dfd)
-
-    removed = store.backups.expire(cutoff, exists)
+    removed = store.backups.expire(cutoff, store.exists)
+    over = store.keep_backups_in_budget()
     with Cache(directory(store.backing, store.config.cache), store.config.cache, verify=True) as cache:
         expired = cache.gc()
-    return GcReport(removed, expired)
+    return GcReport(removed + over, over, store.backups.usage(), expired)

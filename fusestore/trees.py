@@ -171,7 +171,7 @@ class TreeWriter:
                 _write_all(stage.fd, data)
             dir_fd, name = self.store.open_parent_creating(relpath)
             try:
-                self.store.commit(stage, dir_fd, name, relpath)
+                self.store.commit_once(stage, dir_fd, name, relpath)
             finally:
                 os.close(dir_fd)
             return

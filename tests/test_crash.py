@@ -19,9 +19,11 @@ FILES = 4
 ROUNDS = int(os.environ.get("FUSESTORE_CRASH_ROUNDS", "50"))
 MIXED_ROUNDS = int(os.environ.get("FUSESTORE_MIXED_CRASH_ROUNDS", "50"))
 
-# Writes version n of file i, forever, and prints "i n" once close() has returned 0. It works
-# relative to an fd on the mount's root: once the daemon is gone that fd fails, where a path
-# would lead into the empty directory under the mount.
+# Writes version n of file i, forever, and prints "i n" once the version is acknowledged: by
+# close() returning 0, or for file 2 by fsync() returning 0 (a commit point of its own; the file
+# is closed after). Each round it also creates `made-n` with read-only access and prints
+# "made n" once that close returned. It works relative to an fd on the mount's root: once the
+# daemon is gone that fd fails, where a path would lead into the empty directory under the mount.
 WRITER = textwrap.dedent("""
     import json, os, sys
     mnt, files = sys.argv[1], int(sys.argv[2])
@@ -30,14 +32,23 @@ WRITER = textwrap.dedent("""
     print("ready", flush=True)
     opener = lambda path, flags: os.open(path, flags, 0o644, dir_fd=root)
     while True:
-        for i in range(files):
-            doc = {"file": i, "n": n, "pad": "p" * ((n * 7919 + i * 104729) % 150000)}
-            try:
+        try:
+            for i in range(files):
+                doc = {"file": i, "n": n, "pad": "p" * ((n * 7919 + i * 104729) % 150000)}
+                if i == 2:
+                    fd = os.open(f"f{i}.json", os.O_WRONLY | os.O_TRUNC, dir_fd=root)
+                    os.write(fd, json.dumps(doc).encode())
+                    os.fsync(fd)
+                    print(i, n, flush=True)
+                    os.close(fd)
+                    continue
                 with open(f"f{i}.json", "w", opener=opener) as f:
                     json.dump(doc, f)
-            except OSError:
-                sys.exit(0)
-            print(i, n, flush=True)
+                print(i, n, flush=True)
+            os.close(os.open(f"made-{n}", os.O_RDONLY | os.O_CREAT, 0o644, dir_fd=root))
+            print("made", n, flush=True)
+        except OSError:
+            sys.exit(0)
         n += 1
 """)
 
@@ -87,6 +98,7 @@ def test_sigkill_during_commits_loses_nothing(make_mount, capsys):
     for i in range(FILES):
         (m.mnt / f"f{i}.json").write_bytes(version(i, 0))
     acked = {i: 0 for i in range(FILES)}
+    made: set[int] = set()
     next_n = 1
     recovered_total = 0
     for round_no in range(ROUNDS):
@@ -104,8 +116,11 @@ def test_sigkill_during_commits_loses_nothing(make_mount, capsys):
             writer.kill()
             pytest.fail(f"round {round_no}: the writer hung after the daemon was killed\n{_stacks(m.pid, writer.pid)}")
         for line in out.splitlines():
-            i, n = map(int, line.split())
-            acked[i] = max(acked[i], n)
+            what, n = line.split()
+            if what == "made":
+                made.add(int(n))
+            else:
+                acked[int(what)] = max(acked[int(what)], int(n))
             acks += 1
         quarantined_before = set(m.quarantine)
         m.start()
@@ -127,6 +142,8 @@ def test_sigkill_during_commits_loses_nothing(make_mount, capsys):
             # Staged data of an unfinished write: a prefix of some version of that file.
             assert any(version(i, n).startswith(data) for n in range(next_n, max_n + 50)), reason
         assert not [n for n in os.listdir(m.state / "staging") if not n.startswith("pool-")]
+        lost = [n for n in made if not (m.backing / f"made-{n}").exists()]
+        assert not lost, f"round {round_no}: files created read-only and closed were lost: {lost[:5]}"
         next_n = max_n + 1
     m.stop()
     report(capsys, f"commit loop: {ROUNDS} SIGKILL rounds, {acks} acknowledged commits, {checked} files checked, "
@@ -135,14 +152,19 @@ def test_sigkill_during_commits_loses_nothing(make_mount, capsys):
 
 
 def _kill_while_writing(m, name: str, data: str, fsync: bool) -> None:
-    """A writer leaves `data` staged in `name` and stays open; then the daemon is killed."""
+    """A writer leaves `data` staged in `name` and stays open; then the daemon is killed. With
+    `fsync`, the writer asked for a commit of its incomplete document first, which was refused
+    (EBADMSG) and left the content as the file's open version."""
     code = textwrap.dedent(f"""
-        import os, time
+        import errno, os, time
         f = open({str(m.mnt / name)!r}, "w")
         f.write({data!r})
         f.flush()
         if {fsync}:
-            os.fsync(f.fileno())
+            try:
+                os.fsync(f.fileno())
+            except OSError as e:
+                assert e.errno == errno.EBADMSG
         print("written", flush=True)
         time.sleep(60)
     """)

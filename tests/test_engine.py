@@ -9,7 +9,8 @@ import pytest
 
 from fusestore import config
 from fusestore.engine import validate
-from fusestore.engine.store import Rejected, Store
+from fusestore.engine.backups import Backups
+from fusestore.engine.store import Invalid, Rejected, Store
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def commit_bytes(store: Store, relpath: str, data: bytes) -> None:
     os.write(stage.fd, data)
     dir_fd, name = store.open_parent_creating(relpath)
     try:
-        store.commit(stage, dir_fd, name, relpath)
+        store.commit_once(stage, dir_fd, name, relpath)
     finally:
         os.close(dir_fd)
 
@@ -81,6 +82,34 @@ def test_rejected_commit_leaves_target_and_quarantines(store, tmp_path):
     assert store.stats.rejections == 1
 
 
+def test_a_refused_commit_leaves_the_stage_to_its_caller(store, tmp_path):
+    commit_bytes(store, "b.json", b"[1]")
+    stage = store.new_stage("b.json")
+    os.write(stage.fd, b"[2,")
+    dir_fd, name = store.open_parent_creating("b.json")
+    try:
+        with pytest.raises(Invalid):
+            store.commit(stage, dir_fd, name, "b.json")
+        assert store.stats.rejections == 0 and store.quarantine_entries() == []
+        os.write(stage.fd, b"3]")  # the writer goes on with the same open version
+        store.commit(stage, dir_fd, name, "b.json")
+        os.close(stage.fd)
+    finally:
+        os.close(dir_fd)
+    assert (tmp_path / "b.json").read_bytes() == b"[2,3]"
+
+
+def test_empty_content_may_be_new_but_may_not_empty_a_validated_file(store, tmp_path):
+    commit_bytes(store, "new.json", b"")
+    assert (tmp_path / "new.json").read_bytes() == b""
+    commit_bytes(store, "new.json", b"[1]")
+    with pytest.raises(Rejected) as info:
+        commit_bytes(store, "new.json", b"")
+    assert "empty content" in info.value.reason
+    commit_bytes(store, "notes.txt", b"text")
+    commit_bytes(store, "notes.txt", b"")  # unvalidated paths take anything
+
+
 def test_names_starting_with_percent_cannot_be_taken_for_generations(store):
     commit_bytes(store, "%1/x.txt", b"a")
     commit_bytes(store, "%1/x.txt", b"b")
@@ -135,3 +164,46 @@ def test_config_rules_match_globs():
     assert cfg.rule_for("projects/p1/a.json").validate == "json"
     assert cfg.rule_for("p/logs/errors.log").mode == "append"
     assert cfg.rule_for("video.mp4").validate == "none"
+
+
+def test_backups_stay_within_their_byte_budget_oldest_first(tmp_path):
+    budget = 1 << 20
+    s = Store(str(tmp_path), config.Config(backups=config.Backups(keep=10, max_bytes=budget)))
+    try:
+        blob = os.urandom(100_000)
+        for round_ in range(8):
+            for name in ("a.bin", "b.bin", "c.bin"):
+                commit_bytes(s, name, blob + bytes([round_]))
+        commit_bytes(s, "gone.bin", blob)
+        commit_bytes(s, "gone.bin", blob + b"!")
+        dir_fd, name = s.open_parent_creating("gone.bin")
+        try:
+            s.keep_backup(dir_fd, name, "gone.bin")  # as a delete through the mount does
+            os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        assert s.backups.usage() <= budget
+        walked = Backups(s.state.backups_fd, 10).usage()  # a fresh count agrees with the running one
+        assert walked == s.backups.usage()
+        for name in ("a.bin", "b.bin", "c.bin"):
+            gens = s.backups.generations(name)
+            assert gens and gens[0].number == 1  # generation 1 of a live file always stays
+            assert len(gens) < 7  # older ones went
+        # Oldest first across files: the files written in turn keep as many generations each
+        # (give or take the one being written), and the deleted file's newest ones all stay.
+        counts = [len(s.backups.generations(n)) for n in ("a.bin", "b.bin", "c.bin")]
+        assert max(counts) - min(counts) <= 1, counts
+        assert len(s.backups.generations("gone.bin")) == 2
+    finally:
+        s.close()
+
+
+def test_the_budget_never_drops_generation_1_of_a_live_file(tmp_path):
+    s = Store(str(tmp_path), config.Config(backups=config.Backups(max_bytes=1000)))
+    try:
+        commit_bytes(s, "big.bin", os.urandom(50_000))
+        commit_bytes(s, "big.bin", os.urandom(50_000))
+        assert [g.number for g in s.backups.generations("big.bin")] == [1]
+        assert s.backups.usage() > 1000  # over budget, but that generation is the one kept
+    finally:
+        s.close()

@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 
-import pytest
 
 USER, OTHER = 1234, 1235
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import close_error, write_json
+from conftest import close_error, wait_for, write_json
 
 BAD = {
     "invalid": (b'{"a": [1, 2,, 3]}', "line 1, column 13"),
@@ -36,6 +36,8 @@ def test_bad_json_is_rejected_with_ebadmsg_and_quarantined(mount, case):
     assert err is not None and err.errno == errno.EBADMSG
     assert json.loads((mount / "doc.json").read_text()) == {"good": True}
     assert json.loads((mount.backing / "doc.json").read_text()) == {"good": True}
+    # Refused at close; the bytes go to the quarantine at the release that follows it.
+    assert wait_for(lambda: len(mount.quarantine) == 1)
     [kept] = mount.quarantine
     assert kept.read_bytes() == data
     reason = json.loads(kept.with_name(kept.name + ".reason").read_text())
@@ -49,9 +51,9 @@ def test_bad_json_is_rejected_with_ebadmsg_and_quarantined(mount, case):
 def test_rejected_new_file_does_not_appear(mount):
     err = close_error(mount / "new.json", b"{oops")
     assert err is not None and err.errno == errno.EBADMSG
-    assert not (mount / "new.json").exists()
+    assert wait_for(lambda: not (mount / "new.json").exists())
     assert not (mount.backing / "new.json").exists()
-    assert [p.read_bytes() for p in mount.quarantine] == [b"{oops"]
+    assert wait_for(lambda: [p.read_bytes() for p in mount.quarantine] == [b"{oops"])
 
 
 def test_huge_valid_json_is_committed(mount):
@@ -98,7 +100,7 @@ def test_a_new_file_rejected_again_and_again_gets_ebadmsg_each_time(mount):
     for _ in range(30):
         err = close_error(mount / "fresh.json", b"{not json")
         assert err is not None and err.errno == errno.EBADMSG
-    assert not (mount / "fresh.json").exists()
+    assert wait_for(lambda: not (mount / "fresh.json").exists())
     write_json(mount / "fresh.json", {"finally": "valid"})
     assert json.loads((mount / "fresh.json").read_text()) == {"finally": "valid"}
 
@@ -114,6 +116,7 @@ def test_a_2_gib_invalid_document_is_rejected_without_harm(mount):
             f.write(b'{"last": tru')  # cut off: 2 GiB and a truncated end
     assert e.value.errno == errno.EBADMSG
     assert json.loads((mount / "huge.json").read_text()) == {"small": True}
+    assert wait_for(lambda: len(mount.quarantine) == 1, timeout=60)
     [kept] = mount.quarantine
     assert kept.stat().st_size > 2 << 30
     assert "truncated" in mount.status()["recent_rejections"][0]["reason"]

@@ -95,6 +95,37 @@ def safe_json(root: str, n: int) -> float:
     return elapsed
 
 
+def sqlite_inserts(root: str, n: int) -> float:
+    """n inserts into a new SQLite database, each its own transaction (rollback journal)."""
+    import sqlite3
+
+    path = os.path.join(root, "bench.db")
+    if os.path.exists(path):
+        os.unlink(path)
+    t = time.perf_counter()
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(n):
+        with con:
+            con.execute("INSERT INTO t(v) VALUES (?)", (f"row {i}",))
+    con.close()
+    return time.perf_counter() - t
+
+
+def sparse_write(root: str) -> float:
+    """Open a 1 GiB sparse file for writing, write 6 bytes in its middle, close (a commit)."""
+    path = os.path.join(root, "sparse.img")
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, b"hello!", 1 << 29)
+    os.close(fd)
+    elapsed = time.perf_counter() - t
+    os.unlink(path)
+    return elapsed
+
+
 def make_files(backing: str, n: int) -> None:
     for sub in range(n // 1000):
         d = os.path.join(backing, "many", f"d{sub}")
@@ -435,6 +466,10 @@ def main() -> int:
             pair(f"ls -lR of {many} files", lambda: list_recursive(plain), lambda: list_recursive(mnt), target=0.5)
             pair(f"create {many} empty files", lambda: create_files(plain, many), lambda: create_files(mnt, many),
                  target=0.35)
+            inserts = 100 if args.quick else 1000
+            pair(f"SQLite: {inserts} inserts, a transaction each", lambda: sqlite_inserts(plain, inserts),
+                 lambda: sqlite_inserts(mnt, inserts))
+            pair("6 bytes written into a 1 GiB sparse file", lambda: sparse_write(plain), lambda: sparse_write(mnt))
             pid = daemon_pid(backing)
             figures["validation_gb_s"] = validation_rate((64 if args.quick else 512) << 20)
             figures["big_json_size_mib"] = (128 if args.quick else 1024)

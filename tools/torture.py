@@ -8,10 +8,22 @@ Usage: tools/torture [--ops N] [--seed S] [--long]
 it, so `tools/torture --seed S --ops N` replays it. The test suite runs a short mode of the same
 code (tests/test_torture.py).
 
+Besides one-shot operations on paths, it keeps up to four descriptors open in each tree at
+once, opened alike (read-only, read-write, write-only, with O_CREAT, O_TRUNC, O_APPEND, and
+O_CREAT with read-only access), and works through them: writes at offsets and at the end found
+by lseek(SEEK_END), sparse writes far past the end, fallocate in every mode, reads, fstat,
+ftruncate, fsync, the close of a `dup` and the exit of a forked child that inherited the
+descriptor (both commit points).
+
 Differences that are fusestore's by design are kept out of the comparison: inode numbers and
 times are not compared, and files with more than one hard link are not written (a commit
 replaces the name written through; the other names keep the old content, as after `sed -i`).
-Names never end in .json or .log, whose rules differ from a plain directory on purpose.
+A read-only descriptor of a committed file keeps reading the version it opened, so its reads
+are compared only while nobody has written that file since it opened (nor held it for writing
+when it opened); likewise a read through a
+new open of a file that a write-capable descriptor holds reads the committed version, not the
+uncommitted writes a plain file shows. Names never end in .json
+or .log, whose rules differ from a plain directory on purpose.
 """
 
 from __future__ import annotations
@@ -31,6 +43,9 @@ import time
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOCATE_MODES = (0, 1, 3, 16)  # plain, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE
 AT_FDCWD = -100
 RENAME_FLAGS = (0, 1, 2)  # plain, RENAME_NOREPLACE, RENAME_EXCHANGE
 
@@ -40,6 +55,15 @@ NAMES = ["f0", "f1", "f2.bin", "f3.txt", "d0", "d1", "e0", "l0"]
 
 class Mismatch(Exception):
     pass
+
+
+def _said(result) -> str:
+    """A short form of an outcome for the history: ok, or the errno's name."""
+    return result[0] if result[0] == "ok" else result[1]
+
+
+def _differ(what: str, mount, plain) -> Mismatch:
+    return Mismatch(f"{what}: mount {mount!r:.300} != plain {plain!r:.300}")
 
 
 def _rename(src: str, dst: str, flags: int) -> None:
@@ -140,6 +164,59 @@ def op_readlink(root, path):
     return os.readlink(os.path.join(root, path))
 
 
+# -- descriptors held open across operations ----------------------------------------------------
+
+OPEN_FLAGS = [os.O_RDONLY, os.O_RDWR, os.O_WRONLY, os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+              os.O_RDWR | os.O_APPEND, os.O_RDONLY | os.O_CREAT, os.O_RDWR | os.O_TRUNC]
+
+
+def fd_open(root, path, flags):
+    return os.open(os.path.join(root, path), flags | os.O_NOFOLLOW, 0o644)
+
+
+def fd_pwrite(fd, data, off):
+    return os.pwrite(fd, data, off)
+
+
+def fd_write_at_end(fd, data):
+    end = os.lseek(fd, 0, os.SEEK_END)
+    return end, os.write(fd, data)
+
+
+def fd_read(fd, off, size):
+    return os.pread(fd, size, off)
+
+
+def fd_fstat(fd):
+    return os.fstat(fd).st_size
+
+
+def fd_truncate(fd, size):
+    os.ftruncate(fd, size)
+
+
+def fd_fallocate(fd, mode, off, length):
+    if _fallocate(fd, mode, off, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def fd_fsync(fd):
+    os.fsync(fd)
+
+
+def fd_close_dup(fd):
+    os.close(os.dup(fd))
+
+
+def fd_child_exits(fd):
+    """A child inherits the descriptor and exits: its close is a flush of the same handle."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
 def snapshot(root: str) -> dict:
     """Every entry below root: type, mode, size, content or link target."""
     out = {}
@@ -168,6 +245,10 @@ class Exerciser:
         self.rng = random.Random(seed)
         self.seed = seed
         self.history: list[str] = []
+        # Open descriptors: slot -> (mount fd, plain fd, flags, writes to the plain inode seen
+        # when it opened); and writes per plain inode, for the read-only isolation rule.
+        self.fds: dict[int, tuple[int, int, int, int]] = {}
+        self.writes: dict[tuple[int, int], int] = {}
 
     def path(self) -> str:
         d = self.rng.choice(DIRS)
@@ -186,8 +267,101 @@ class Exerciser:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_nlink > 1
 
+    def _written(self, key) -> None:
+        if key is not None:
+            self.writes[key] = self.writes.get(key, 0) + 1
+
+    def _inode(self, path: str | None = None, fd: int | None = None):
+        try:
+            st = os.fstat(fd) if fd is not None else os.stat(os.path.join(self.roots[1], path))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+    def _held(self) -> set:
+        """The plain inodes that a write-capable descriptor holds (one that may have
+        uncommitted writes)."""
+        return {self._inode(fd=pfd) for _, pfd, flags, _ in self.fds.values()
+                if flags & (os.O_ACCMODE | os.O_CREAT | os.O_TRUNC)}
+
+    def close_all(self) -> None:
+        for slot in list(self.fds):
+            self._close(slot)
+
+    def _close(self, slot: int) -> None:
+        mfd, pfd, _, _ = self.fds.pop(slot)
+        results = [outcome(os.close, fd) for fd in (mfd, pfd)]
+        self.history.append(f"close[{slot}] {_said(results[1])}")
+        if results[0] != results[1]:
+            raise _differ(f"close[{slot}]", *results)
+
+    def fd_step(self) -> None:
+        r = self.rng
+        slot = r.randrange(4)
+        if slot not in self.fds:
+            p, flags = self.path(), r.choice(OPEN_FLAGS)
+            if flags & os.O_TRUNC and self._multilinked(p):
+                return
+            self._written(self._inode(p) if flags & os.O_TRUNC else None)
+            # An open that creates the file holds its open version; O_CREAT of a file that exists
+            # is a plain open (the kernel drops the flag).
+            creates = bool(flags & os.O_CREAT) and not os.path.lexists(os.path.join(self.roots[1], p))
+            results = [outcome(fd_open, root, p, flags) for root in self.roots]
+            self.history.append(f"open[{slot}]({p!r}, {flags:#o}) {_said(results[1])}")
+            if (results[0][0], results[1][0]) == ("ok", "ok"):
+                pfd = results[1][1]
+                key = self._inode(fd=pfd)
+                # Opened while a writer holds the file: it reads the committed version, never
+                # what the plain file shows.
+                seen = -1 if key in self._held() else self.writes.get(key, 0)
+                self.fds[slot] = (results[0][1], pfd, flags if creates else flags & ~os.O_CREAT, seen)
+                return
+            for kind, fd in results:
+                if kind == "ok":
+                    os.close(fd)
+            if results[0] != results[1]:
+                raise _differ(f"open({p!r}, {flags:#o})", *results)
+            return
+        mfd, pfd, flags, seen = self.fds[slot]
+        key = self._inode(fd=pfd)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        kind = r.choice(["pwrite", "end", "sparse", "read", "read", "fstat", "truncate", "fsync", "dup", "child",
+                         "fallocate", "close", "close"])
+        if kind in ("pwrite", "end", "sparse", "truncate", "fallocate") and (not writable or (
+                key is not None and os.fstat(pfd).st_nlink > 1)):
+            kind = "fstat"  # a read-only descriptor gets EBADF alike; multi-linked: see above
+        if kind == "close":
+            self._close(slot)
+            return
+        call = {
+            "pwrite": lambda: (fd_pwrite, self.data(), r.choice([0, 5, 4096, 70000])),
+            "end": lambda: (fd_write_at_end, self.data()),
+            "sparse": lambda: (fd_pwrite, b"sparse", r.choice([1 << 20, 3 << 20])),
+            "read": lambda: (fd_read, r.choice([0, 3, 4096]), r.choice([10, 100000])),
+            "fstat": lambda: (fd_fstat,),
+            "truncate": lambda: (fd_truncate, r.choice([0, 2, 5000])),
+            "fsync": lambda: (fd_fsync,),
+            "fallocate": lambda: (fd_fallocate, r.choice(FALLOCATE_MODES), r.choice([0, 100, 5000]),
+                                  r.choice([1, 4096, 70000])),
+            "dup": lambda: (fd_close_dup,),
+            "child": lambda: (fd_child_exits,),
+        }[kind]()
+        fn, rest = call[0], call[1:]
+        if fn in (fd_pwrite, fd_write_at_end, fd_truncate, fd_fallocate):
+            self._written(key)
+        results = [outcome(fn, fd, *rest) for fd in (mfd, pfd)]
+        self.history.append(f"{fn.__name__}[{slot}]{tuple(rest)!r:.100} {_said(results[1])}")
+        isolated = not writable and not flags & (os.O_CREAT | os.O_TRUNC) and self.writes.get(key, 0) != seen
+        if fn in (fd_read, fd_fstat) and isolated:
+            return  # by design: a read-only descriptor keeps the version it opened
+        if results[0] != results[1]:
+            raise _differ(f"{fn.__name__}[{slot}]{tuple(rest)!r:.100}", *results)
+
     def step(self) -> None:
         r = self.rng
+        if r.random() < 0.3:
+            self.fd_step()
+            return
         kind = r.choice(["write", "overwrite", "append", "create_excl", "truncate", "rename", "link", "unlink",
                          "mkdir", "rmdir", "symlink", "chmod", "utime", "read", "stat", "readdir", "readlink",
                          "write", "overwrite", "read", "stat"])
@@ -216,12 +390,17 @@ class Exerciser:
         fn, rest = args[0], args[1:]
         if fn is op_rename and rest[2] == 2 and (self._multilinked(rest[0]) or self._multilinked(rest[1])):
             return
+        if fn in (op_write, op_overwrite, op_append, op_truncate):
+            self._written(self._inode(p))
         results = [outcome(fn, root, *rest) for root in self.roots]
-        self.history.append(f"{fn.__name__}{tuple(rest)!r}"[:200])
+        self.history.append(f"{fn.__name__}{tuple(rest)!r:.100} {_said(results[1])}")
+        if fn is op_read and self._inode(p) in self._held():
+            return  # by design: see the module docstring
         if results[0] != results[1]:
-            raise Mismatch(f"{fn.__name__}{tuple(rest)!r}: mount {results[0]!r} != plain {results[1]!r}")
+            raise _differ(f"{fn.__name__}{tuple(rest)!r:.100}", *results)
 
     def compare_trees(self) -> None:
+        self.close_all()  # every descriptor closed: both trees hold what was committed
         a, b = snapshot(self.roots[0]), snapshot(self.roots[1])
         if a != b:
             keys = sorted(set(a) | set(b))
@@ -240,7 +419,10 @@ def run(mount_root: str, plain_root: str, ops: int, seed: int, check_every: int 
                 ex.compare_trees()
         ex.compare_trees()
     except Mismatch as e:
-        tail = "\n  ".join(ex.history[-15:])
+        for mfd, pfd, _, _ in ex.fds.values():
+            for fd in (mfd, pfd):
+                outcome(os.close, fd)
+        tail = "\n  ".join(ex.history[-25:])
         raise Mismatch(f"seed {seed}, after {len(ex.history)} operations: {e}\nlast operations:\n  {tail}") from None
 
 

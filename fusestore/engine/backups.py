@@ -5,11 +5,17 @@ directory `backups/a/b.json/` named `%<nanoseconds>`, the moment the content was
 Generation 1 is the newest. Names are never renumbered: rotation only deletes the oldest, so a
 crash at any point leaves a consistent set. Tree names that begin with `%` are stored with one
 more `%` in front, so they can never be taken for a generation.
+
+All generations together have a budget of bytes on disk: the running total is taken once (a
+walk) and then kept up to date by every generation added or rotated out; a generation that takes
+it over the budget makes the oldest generations of any file go, down to nine tenths of it, never
+generation 1 of a file that still exists. `usage()` and `trim()` are safe from several threads.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Callable
 
@@ -42,10 +48,80 @@ def _is_generation(name: str) -> bool:
     return len(name) > 1 and name[0] == "%" and name[1:].isdigit()
 
 
+def _bytes(st: os.stat_result) -> int:
+    return st.st_blocks * 512
+
+
 class Backups:
-    def __init__(self, backups_fd: int, keep: int):
+    def __init__(self, backups_fd: int, keep: int, budget: int | None = None):
         self.fd = backups_fd
         self.keep_count = keep
+        self.budget = budget
+        self._total: int | None = None  # bytes on disk of all generations, once walked
+        self._lock = threading.Lock()  # guards _total
+        self._trimming = threading.Lock()  # one trim at a time; others need not wait
+
+    def usage(self) -> int:
+        """Bytes on disk that all generations take (walks the backups once, then counts)."""
+        with self._lock:
+            if self._total is None:
+                total = 0
+                for _dirpath, _dirs, files, dfd in os.fwalk(".", dir_fd=self.fd):
+                    for name in files:
+                        if _is_generation(name):
+                            try:
+                                total += _bytes(os.stat(name, dir_fd=dfd, follow_symlinks=False))
+                            except FileNotFoundError:
+                                pass
+                self._total = total
+            return self._total
+
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            if self._total is not None:
+                self._total += delta
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.usage() > self.budget
+
+    def trim(self, live: Callable[[str], bool]) -> int:
+        """Delete the oldest generations until all take at most nine tenths of the budget,
+        never generation 1 of a path where `live(relpath)` (the file exists). Returns how many
+        went; 0 at once when another thread is trimming."""
+        if self.budget is None or not self._trimming.acquire(blocking=False):
+            return 0
+        try:
+            target = self.budget * 9 // 10
+            if self.usage() <= target:
+                return 0
+            candidates = []
+            for relpath in self.paths():
+                for gen in self.generations(relpath):
+                    if not (gen.number == 1 and live(relpath)):
+                        candidates.append((gen.superseded_ns, relpath, gen.name))
+            candidates.sort()
+            deleted = 0
+            for _ns, relpath, name in candidates:
+                if self.usage() <= target:
+                    break
+                dfd = self._dir(relpath)
+                try:
+                    self._unlink(dfd, name)
+                    deleted += 1
+                finally:
+                    os.close(dfd)
+            return deleted
+        finally:
+            self._trimming.release()
+
+    def _unlink(self, dfd: int, name: str) -> None:
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            os.unlink(name, dir_fd=dfd)
+        except FileNotFoundError:
+            return
+        if st.st_nlink == 1:  # a hard link to a live file costs the backups nothing
+            self._count(-_bytes(st))
 
     def _dir(self, relpath: str, create: bool = False) -> int:
         return open_dir(self.fd, [escape(p) for p in components(relpath)], create=create, mode=0o700)
@@ -67,7 +143,8 @@ class Backups:
             now = time.time_ns()
             src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=src_dir_fd)
             try:
-                shared = os.fstat(src).st_nlink > 1
+                src_st = os.fstat(src)
+                shared = src_st.st_nlink > 1
                 tmp = None
                 if shared:
                     tmp = f".copy-{now}"
@@ -92,6 +169,8 @@ class Backups:
                         now += 1
             finally:
                 os.close(src)
+            # The old content's blocks are the generation's once the name is replaced.
+            self._count(_bytes(src_st))
             if sync_first is not None:
                 os.fsync(sync_first)
             os.fsync(dfd)
@@ -102,10 +181,7 @@ class Backups:
     def _rotate(self, dfd: int) -> None:
         names = sorted((n for n in os.listdir(dfd) if _is_generation(n)), reverse=True)
         for old in names[self.keep_count :]:
-            try:
-                os.unlink(old, dir_fd=dfd)
-            except FileNotFoundError:
-                pass
+            self._unlink(dfd, old)
 
     def generations(self, relpath: str) -> list[Generation]:
         """The generations of `relpath`, newest (number 1) first; empty when there are none."""
@@ -196,11 +272,8 @@ class Backups:
             dfd = self._dir(relpath)
             try:
                 for gen in doomed:
-                    try:
-                        os.unlink(gen.name, dir_fd=dfd)
-                        deleted += 1
-                    except FileNotFoundError:
-                        pass
+                    self._unlink(dfd, gen.name)
+                    deleted += 1
                 os.fsync(dfd)
             finally:
                 os.close(dfd)

@@ -18,6 +18,8 @@ _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _ficlone = 0x40049409
 
 
@@ -88,8 +90,17 @@ def renameat2(src_dir: int, src: str | bytes, dst_dir: int, dst: str | bytes, fl
         raise OSError(err, os.strerror(err), os.fsdecode(dst))
 
 
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode (os.posix_fallocate knows only mode 0)."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def clone_or_copy(src_fd: int, dst_fd: int) -> None:
-    """Make `dst_fd` a copy of `src_fd`: a reflink where the filesystem can, else copy_file_range."""
+    """Make `dst_fd` a copy of `src_fd`: a reflink where the filesystem can, else the data
+    extents with copy_file_range, so holes stay holes (a byte-by-byte copy of a 10 GiB sparse
+    file would allocate 10 GiB)."""
     import fcntl
 
     try:
@@ -98,10 +109,31 @@ def clone_or_copy(src_fd: int, dst_fd: int) -> None:
     except OSError:
         pass
     size = os.fstat(src_fd).st_size
+    for start, end in data_extents(src_fd, size):
+        offset = start
+        while offset < end:
+            n = os.copy_file_range(src_fd, dst_fd, end - offset, offset, offset)
+            if n == 0:
+                size = offset  # the source shrank while we copied
+                break
+            offset += n
+    os.ftruncate(dst_fd, size)
+
+
+def data_extents(fd: int, size: int):
+    """The (start, end) ranges of `fd` that hold data, by SEEK_DATA and SEEK_HOLE; the whole
+    file where the filesystem cannot tell."""
     offset = 0
     while offset < size:
-        n = os.copy_file_range(src_fd, dst_fd, size - offset, offset, offset)
-        if n == 0:
-            break
-        offset += n
-    os.ftruncate(dst_fd, offset)
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                return
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield offset, size
+                return
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        offset = end

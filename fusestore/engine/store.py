@@ -3,12 +3,15 @@
 This is the only code that replaces a file's content. Close, rename, restore and recovery all go
 through `Store.commit`, whose steps keep the tree consistent if the process dies between any two:
 
-1. validate the staged content (invalid: move it to the quarantine, raise `Rejected`);
+1. validate the staged content (invalid: raise `Invalid`, the stage untouched: a writer that
+   still holds it goes on with it; the last one, or `commit_once`, sends it to the quarantine
+   and records the refusal);
 2. copy mode, owner and extended attributes of the current file onto the staged file;
 3. hard-link the current file as backup generation 1;
 4. fsync the staged file, then the backup directory;
 5. rename the staged file over the target (the atomic step);
-6. fsync the target's directory.
+6. fsync the target's directory;
+7. if backups now take more than their budget, drop the oldest generations.
 
 A crash before 5 leaves the old content in place and the staged file in `staging/`, which the next
 mount moves to the quarantine; after 5 the new content is complete. Everything here is blocking:
@@ -17,6 +20,7 @@ the filesystem layer calls it from worker threads, the CLI calls it directly.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
@@ -62,6 +66,21 @@ class Rejected(Exception):
         self.quarantined = quarantined
 
 
+class Invalid(Exception):
+    """Content its rule refuses; nothing was recorded or moved yet."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _without_setid(mode: int) -> int:
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
 class Rejection(msgspec.Struct, frozen=True):
     path: str
     time: float
@@ -95,7 +114,7 @@ class Store:
         self.config = config
         self.root_fd = os.open(self.backing, DIR_FLAGS)
         self.state = StateDir(self.root_fd, self.backing)
-        self.backups = Backups(self.state.backups_fd, config.backups.keep)
+        self.backups = Backups(self.state.backups_fd, config.backups.keep, config.backups.budget)
         self.stats = Stats()
         self._names = itertools.count()
         # Empty files made ahead of need (see refill_pool): creating an inode right after an
@@ -153,6 +172,7 @@ class Store:
             renameat2(self.state.staging_fd, pooled, self.state.staging_fd, name, RENAME_NOREPLACE)
             if mode != _POOL_MODE:
                 os.fchmod(fd, mode)
+            os.utime(fd)  # made minutes ago: a new or truncated file's times are those of now
         except BaseException:
             os.close(fd)
             raise
@@ -203,44 +223,60 @@ class Store:
 
     # -- commit ----------------------------------------------------------------------------
 
-    def commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str, keep_empty: bool = True,
+    def commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str, backup: bool = True,
                kill_setid: bool = False) -> None:
-        """Replace `name` in `dir_fd` by the staged content, or raise Rejected. Consumes `stage`.
+        """Replace `name` in `dir_fd` by the staged content. On success the stage's name is
+        gone and its fd, still open, is the committed file's: the caller closes it.
 
-        `keep_empty=False` says the current content, if empty, is only an intermediate state of
-        the same writer (a shell's `>` before the command wrote) and needs no backup.
-        `kill_setid` says an unprivileged process wrote the content: as on any filesystem, the
-        set-user-ID bit (and the set-group-ID bit of a group-executable file) do not carry over."""
+        Content its rule refuses raises `Invalid`, and any other failure its OSError, both with
+        the stage untouched: the caller decides whether it stays the file's open version (a
+        writer still holds it) or goes to the quarantine (`commit_once`, the last release).
+        `backup=False` says the current content is an intermediate state of the same writer,
+        not worth a generation. `kill_setid` says an unprivileged process wrote the content: as
+        on any filesystem, the set-user-ID bit (and the set-group-ID bit of a group-executable
+        file) do not carry over, nor stay on a file's first content."""
         rule = self.rule(relpath)
-        reason = self.check_fd(relpath, stage.fd)
-        if reason is not None:
-            self.reject(stage, relpath, reason)
         try:
             current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             current = None
+        reason = self.check_content(relpath, stage.fd, current.st_size if current is not None else None)
+        if reason is not None:
+            raise Invalid(reason)
         if current is not None and not stat.S_ISREG(current.st_mode):
-            self.quarantine(stage, relpath, "target is no longer a regular file")
-            raise IsADirectoryError(f"{relpath} is no longer a regular file")
-        try:
-            if current is not None:
-                self._carry_metadata(current, dir_fd, name, stage.fd, kill_setid)
-            intermediate = current is not None and current.st_size == 0 and not keep_empty
-            if current is not None and rule.backups and not intermediate:
-                self.backups.keep(dir_fd, name, relpath, sync_first=stage.fd)
-                self.stats.backups_kept += 1
-            else:
-                os.fsync(stage.fd)
-            os.rename(stage.name, name, src_dir_fd=self.state.staging_fd, dst_dir_fd=dir_fd)
-            self._forget_stage_name(stage.name)
-        except BaseException as e:
-            if isinstance(e, OSError):
-                self.quarantine(stage, relpath, f"commit failed: {e.strerror or e}")
-            raise
-        os.close(stage.fd)
+            raise IsADirectoryError(errno.EISDIR, f"{relpath} is no longer a regular file")
+        if current is not None:
+            self._carry_metadata(current, dir_fd, name, stage.fd, kill_setid)
+        elif kill_setid:
+            mode = stat.S_IMODE(os.fstat(stage.fd).st_mode)
+            if mode & 0o6000:
+                os.fchmod(stage.fd, _without_setid(mode))
+        kept = current is not None and rule.backups and backup
+        if kept:
+            self.backups.keep(dir_fd, name, relpath, sync_first=stage.fd)
+            self.stats.backups_kept += 1
+        else:
+            os.fsync(stage.fd)
+        os.rename(stage.name, name, src_dir_fd=self.state.staging_fd, dst_dir_fd=dir_fd)
+        self._forget_stage_name(stage.name)
         os.fsync(dir_fd)
+        if kept:
+            self.keep_backups_in_budget()
         self.stats.commits += 1
         log.debug("committed %s", relpath)
+
+    def commit_once(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str) -> None:
+        """`commit` for a writer that will not try again (restore, repair, migrate): refused or
+        failed content goes to the quarantine, and a refusal is recorded and raised as
+        `Rejected`."""
+        try:
+            self.commit(stage, dir_fd, name, relpath)
+        except Invalid as e:
+            self.reject(stage, relpath, e.reason)
+        except OSError as e:
+            self.quarantine(stage, relpath, f"commit failed: {e.strerror or e}")
+            raise
+        os.close(stage.fd)
 
     def reject(self, stage: Stage, relpath: str, reason: str) -> None:
         quarantined = self.quarantine(stage, relpath, reason, report=False)
@@ -256,6 +292,19 @@ class Store:
         self.project_event(relpath, "errors.log", "error", "rejected", reason=reason, quarantined=quarantined)
         return Rejected(relpath, reason, quarantined)
 
+    def quarantined_after_refusal(self, relpath: str, quarantined: str | None) -> None:
+        """Content whose refusal was recorded while a writer still held it went to the
+        quarantine at the last release: say where, in the log and in that record."""
+        if quarantined is None:
+            return
+        log.warning("kept the refused content of %s in the quarantine as %s", relpath, quarantined)
+        recent = self.stats.recent_rejections
+        for i in range(len(recent) - 1, -1, -1):
+            if recent[i].path == relpath:
+                if recent[i].quarantined is None:
+                    recent[i] = msgspec.structs.replace(recent[i], quarantined=quarantined)
+                break
+
     def quarantine(self, stage: Stage, relpath: str, reason: str, report: bool = True) -> str | None:
         """Move the staged bytes to `state/quarantine/` with a `.reason` record; consumes `stage`.
         With `report`, the project's warnings.log hears of it (a rejection reports itself)."""
@@ -263,15 +312,17 @@ class Store:
             self.discard(stage)
             return None
         while True:
+            # The reason first: whoever sees the bytes in the quarantine finds why (a crash in
+            # between leaves a reason without bytes, which nothing lists).
             name = self.quarantine_name(relpath)
             try:
-                renameat2(self.state.staging_fd, stage.name, self.state.quarantine_fd, name, RENAME_NOREPLACE)
-                break
+                self._write_reason(name, relpath, reason)
             except FileExistsError:
                 continue
+            renameat2(self.state.staging_fd, stage.name, self.state.quarantine_fd, name, RENAME_NOREPLACE)
+            break
         self._forget_stage_name(stage.name)
         os.close(stage.fd)
-        self._write_reason(name, relpath, reason)
         self.stats.quarantined += 1
         if report:
             self.project_event(relpath, "warnings.log", "warning", "quarantined", reason=reason, quarantined=name)
@@ -322,9 +373,7 @@ class Store:
         mine = os.fstat(fd)
         mode = stat.S_IMODE(current.st_mode)
         if kill_setid:
-            mode &= ~stat.S_ISUID
-            if mode & stat.S_IXGRP:
-                mode &= ~stat.S_ISGID
+            mode = _without_setid(mode)
         if os.geteuid() == 0 and (mine.st_uid, mine.st_gid) != (current.st_uid, current.st_gid):
             os.fchown(fd, current.st_uid, current.st_gid)
         if stat.S_IMODE(mine.st_mode) != mode or mode & 0o6000:
@@ -354,7 +403,47 @@ class Store:
             return False
         self.backups.keep(dir_fd, name, relpath)
         self.stats.backups_kept += 1
+        self.keep_backups_in_budget()
         return True
+
+    def keep_backups_in_budget(self) -> int:
+        """Drop the oldest generations while backups take more than `backups.max_bytes`."""
+        if not self.backups.over_budget():
+            return 0
+        dropped = self.backups.trim(self.exists)
+        if dropped:
+            log.info("dropped %d old backup generation(s) to keep backups under %d bytes", dropped,
+                     self.backups.budget)
+        return dropped
+
+    def exists(self, relpath: str) -> bool:
+        """Whether `relpath` names something in the tree (walked without following links)."""
+        parts = components(relpath)
+        if not parts:
+            return True
+        try:
+            dfd = open_dir(self.root_fd, parts[:-1])
+        except OSError:
+            return False
+        try:
+            os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(dfd)
+
+    def check_content(self, relpath: str, fd: int, replacing: int | None) -> str | None:
+        """Why the content of `fd` may not replace a file of `replacing` bytes (None: a new
+        file) at `relpath`. An empty file is valid where it replaces nothing or nothing but
+        emptiness (touch, placeholders, lock files); emptying a validated file is not."""
+        if self.rule(relpath).validate == "none":
+            return None
+        if os.fstat(fd).st_size == 0:
+            if replacing:
+                return f"empty content may not replace the {replacing} bytes of a validated file"
+            return None
+        return self.check_fd(relpath, fd)
 
     def check_fd(self, relpath: str, fd: int) -> str | None:
         """Why the content of `fd` may not stand at `relpath` (its rule's validation and
@@ -370,15 +459,16 @@ class Store:
         finally:
             os.close(fd)
 
-    def check_file(self, dir_fd: int, name: str | bytes, relpath: str) -> str | None:
-        """Why the committed file `name` may not stand at `relpath`, or None."""
+    def check_file(self, dir_fd: int, name: str | bytes, relpath: str, replacing: int | None = None) -> str | None:
+        """Why the committed file `name` may not stand at `relpath` in place of a file of
+        `replacing` bytes, or None."""
         if self.rule(relpath).validate == "none":
             return None
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
-            return self.check_fd(relpath, fd)
+            return self.check_content(relpath, fd, replacing)
         finally:
             os.close(fd)
 
@@ -416,7 +506,10 @@ class Store:
             quarantined = self.quarantine(Stage(fd, name, relpath), relpath,
                                           "left by a write that never committed (daemon stopped)")
             found.append((relpath, quarantined))
-            log.warning("recovered staged data of %s into the quarantine as %s", relpath, quarantined)
+            if quarantined is None:
+                log.warning("dropped the empty staged file of %s left by a write that never committed", relpath)
+            else:
+                log.warning("recovered staged data of %s into the quarantine as %s", relpath, quarantined)
         for name in os.listdir(self.state.staging_fd):  # .path files whose stage is gone
             if name.endswith(_PATH_SUFFIX):
                 os.unlink(name, dir_fd=self.state.staging_fd)

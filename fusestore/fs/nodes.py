@@ -30,7 +30,8 @@ ROOT_INODE = 1
 class Node:
     __slots__ = (
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
-        "stage", "writers", "readers", "lock", "intermediate", "pending", "former", "kill_setid",
+        "stage", "writers", "readers", "lock", "pending", "former", "kill_setid", "backed_up",
+        "refusal_recorded", "commits",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -42,16 +43,18 @@ class Node:
         self.lookups = 0
         self.children = 0
         self.handles = 0
-        self.stage: Stage | None = None  # shared by every writer of this file
-        self.writers: set = set()  # the open write handles that share the stage
+        self.stage: Stage | None = None  # the open version, shared by every writer (fs.files)
+        self.writers: set = set()  # the write-capable handles that share the open version
         self.readers: set = set()  # the open read handles, each with its own fd
         # Where the name was before it went (renamed over, replaced): an open or stat that
         # raced with the rename reads what took the name's place, a complete version too.
         self.former: tuple[Node, bytes] | None = None
         self.lock: CommitLock | None = None
-        self.intermediate = False  # the committed content is an empty intermediate of a writer
         self.pending = False  # a new file: only its staged copy exists until the first commit
         self.kill_setid = False  # an unprivileged process wrote the staged content
+        self.backed_up = False  # this session of writers kept its backup generation already
+        self.refusal_recorded = False  # the open version's content was refused and recorded
+        self.commits = 0  # commits through this node: which version a read-only handle reads
 
     @property
     def location(self) -> tuple["Node", bytes]:

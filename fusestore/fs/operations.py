@@ -4,12 +4,8 @@ the store, and nothing else.
 Every handler goes through `_errors`: an OSError becomes its errno, a rejection becomes EBADMSG,
 anything unexpected becomes EIO with a logged traceback, so no exception ever ends the daemon.
 
-Every open file gets direct I/O. The kernel keeps one size and one page cache per inode, while
-fusestore serves several versions of a file at once (the writer's staged copy, the committed
-file, and the old file a reader opened before a commit). With direct I/O each handle reads its
-own version from its own fd and uncommitted bytes never enter the page cache; a commit then
-invalidates the kernel's cached attributes. Shared mmap is therefore not available (ENODEV);
-private mappings and exec work (the kernel drops a direct-I/O file's pages when it is mapped).
+The life of an open regular file (its open version, handles and commit points) is `files`'s;
+this module hands it every regular-file open, read, write, flush, fsync and release.
 """
 
 from __future__ import annotations
@@ -27,16 +23,16 @@ import trio
 from fusestore.engine.cache import Cache, CacheError
 from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from fusestore.engine.state import STATE_NAME
-from fusestore.engine.store import Rejected, Stage, Store
+from fusestore.engine.store import Rejected, Store
 from fusestore.fs.nodes import ROOT_INODE, InodeTable, Node, VirtualNode
 from fusestore.fs.cacheview import CacheReader, CacheView, CacheWriter
+from fusestore.fs.files import Files, Handle, readable_location
 from fusestore.fs.virtual import BACKUPS_NAME, CACHE_NAME, Attrs, BackupsView, GenerationReader
 from fusestore.fs.workers import Workers
 
 log = logging.getLogger("fusestore")
 T = TypeVar("T")
 
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _RESERVED = {STATE_NAME.encode(), BACKUPS_NAME.encode(), CACHE_NAME.encode()}
 _VIRTUAL_NAMES = (BACKUPS_NAME.encode(), CACHE_NAME.encode())
@@ -63,18 +59,6 @@ def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
-
-
-class Handle:
-    __slots__ = ("node", "flags", "fd", "writer", "append", "dirty")
-
-    def __init__(self, node: Node, flags: int):
-        self.node = node
-        self.flags = flags
-        self.fd: int | None = None  # read fd on the committed file, or the append-through fd
-        self.writer = (flags & os.O_ACCMODE) != os.O_RDONLY
-        self.append = False  # append-through: writes go straight to the backing file
-        self.dirty = False
 
 
 class DirHandle:
@@ -109,8 +93,8 @@ class Filesystem(pyfuse3.Operations):
         self.handles: dict[int, Handle | DirHandle | VirtualHandle] = {}
         self._next_fh = 1
         self.uid = os.geteuid()
-        self._refilling = False
         self.workers = Workers()
+        self.files = Files(store, self.inodes, self.workers, self._invalidate_attrs, self._drop_names_of)
         self.backups_view = BackupsView(store.backups)
         self.cache_view = CacheView(cache, store, self.workers)
         # Our inodes of files with several hard links, by backing (st_dev, st_ino). Each name is
@@ -183,6 +167,10 @@ class Filesystem(pyfuse3.Operations):
             return []
         return [ino for ino in inos if ino != but]
 
+    async def _drop_names_of(self, st, ino: int) -> None:
+        """A file with other hard links lost the name `ino` (a commit replaced it)."""
+        await self._drop_cached_attrs(self._other_names(st, ino))
+
     async def _drop_cached_attrs(self, inos: list[int]) -> None:
         if inos:
             await self.workers.run(self._invalidate_each, inos)
@@ -195,28 +183,18 @@ class Filesystem(pyfuse3.Operations):
     def _stat(self, node: Node):
         if node.fd is not None:
             return os.stat(node.fd)
+        if node.stage is not None:  # being written: what its writers see (files.Files.stat)
+            return self.files.stat(node, lambda: self._committed_stat(node))
         if node.pending:
-            # A new file's committed content is still nothing: owner and mode are its own, the
-            # size is 0 until the first commit.
-            if node.stage is None:
-                raise FileNotFoundError(errno.ENOENT, "gone")
-            st = os.fstat(node.stage.fd)
-            return Attrs(st.st_mode, 1, st.st_uid, st.st_gid, 0, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+            raise FileNotFoundError(errno.ENOENT, "gone")
+        return self._committed_stat(node)
+
+    def _committed_stat(self, node: Node):
         if node.parent is None:
             for reader in node.readers:  # fstat of an open file whose name was replaced
                 return os.fstat(reader.fd)
-        parent, name = self._readable_location(node)
+        parent, name = readable_location(node)
         return os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-
-    @staticmethod
-    def _readable_location(node: Node) -> tuple[Node, bytes]:
-        """Where to read the node's content: its name, or, when a rename or commit just took
-        the name away, the name's new content (the kernel resolved the path just before)."""
-        if node.parent is not None:
-            return node.parent, node.name
-        if node.former is not None and node.former[0].fd is not None:
-            return node.former
-        raise FileNotFoundError(errno.ENOENT, "the file has no name any more")
 
     def _check_name(self, parent: Node, name: bytes) -> None:
         """Names that new entries may not take: the state directory, the virtual dirs and the
@@ -268,39 +246,11 @@ class Filesystem(pyfuse3.Operations):
         return f"{base}/{os.fsdecode(name)}" if base else os.fsdecode(name)
 
     @staticmethod
-    def _invalidate_entry(parent_ino: int, name: bytes) -> None:
-        try:
-            pyfuse3.invalidate_entry(parent_ino, name)
-        except OSError:
-            pass  # the kernel does not have the name cached
-
-    @staticmethod
     def _invalidate_attrs(ino: int) -> None:
         try:
             pyfuse3.invalidate_inode(ino, True)
         except OSError:
             pass  # the kernel no longer knows the inode: nothing is cached
-
-    def _new_stage(self, relpath: str, mode: int = 0o600, owner: tuple[int, int] | None = None) -> Stage:
-        """An empty staged file, taken from the store's pool, which is then topped up."""
-        stage = self.store.new_stage(relpath, mode, owner)
-        self._keep_pool_filled()
-        return stage
-
-    def _keep_pool_filled(self) -> None:
-        if self._refilling or not self.store.pool_low():
-            return
-        self._refilling = True
-
-        async def refill():
-            try:
-                await self.workers.run(self.store.refill_pool)
-            except Exception:  # noqa: BLE001 - without a pool, new_stage creates files itself
-                log.exception("could not make staged files ahead")
-            finally:
-                self._refilling = False
-
-        trio.lowlevel.spawn_system_task(refill)
 
     def _virtual_root(self, name: bytes) -> tuple[VirtualNode, Attrs]:
         view = self.backups_view if name == BACKUPS_NAME.encode() else self.cache_view
@@ -334,6 +284,8 @@ class Filesystem(pyfuse3.Operations):
             return self._looked_up(pending, self._stat(pending))
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         node = self._known(parent, name, st)
+        if node.stage is not None:
+            st = self._stat(node)  # being written: the open version's size and times
         return self._looked_up(node, st)
 
     async def forget(self, inode_list):
@@ -382,7 +334,12 @@ class Filesystem(pyfuse3.Operations):
             return self._entry(inode, st)
         node = self._node(inode)
         if fields.update_size:
-            await self._truncate(node, attr.st_size, self.handles.get(fh) if fh is not None else None)
+            if node.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if attr.st_size < 0:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            handle = self.handles.get(fh) if fh is not None else None
+            await self.files.truncate(node, attr.st_size, handle if isinstance(handle, Handle) else None)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
             await self.workers.run(self._set_metadata, node, attr, fields)
         st = self._stat(node)
@@ -391,8 +348,9 @@ class Filesystem(pyfuse3.Operations):
         return self._entry(inode, st)
 
     def _set_metadata(self, node: Node, attr, fields) -> None:
-        if node.pending and node.stage is not None:
-            target, kw = node.stage.fd, {}
+        stage = node.stage
+        if node.pending and stage is not None:
+            target, kw = stage.fd, {}
         elif node.fd is not None:
             target, kw = node.fd, {}
         else:
@@ -417,33 +375,11 @@ class Filesystem(pyfuse3.Operations):
             st = self._stat(node)
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            if stage is not None:
+                # The times of the open version, which its commit makes the file's (`cp -p`
+                # sets them before it closes).
+                target, kw = stage.fd, {}
             os.utime(target, ns=(atime, mtime), **kw)
-
-    async def _truncate(self, node: Node, size: int, handle) -> None:
-        if node.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        if size < 0:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        relpath = node.relpath()
-        if self.store.rule(relpath).mode == "append" and not node.pending:
-            parent, name = node.location
-            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
-            try:
-                os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
-            return
-        async with node.commit_lock():
-            stage = await self._ensure_stage(node, empty=(size == 0))
-            os.ftruncate(stage.fd, size)
-        if isinstance(handle, Handle) and handle.writer:
-            handle.dirty = True
-        elif not node.writers:
-            # truncate(2) on a path, or ftruncate on a file nobody writes: a commit of its own.
-            await self._commit(node)
-        else:
-            for writer in node.writers:
-                writer.dirty = True
 
     @_errors
     async def readlink(self, inode, ctx):
@@ -496,10 +432,7 @@ class Filesystem(pyfuse3.Operations):
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         parent = self._writable_dir(parent_inode)
         self._check_name(parent, name)
-        if stat.S_ISREG(mode) and self.store.rule(self._relpath(parent, name)).validate != "none":
-            # An empty file is not a valid document; mknod has no content to commit later.
-            raise pyfuse3.FUSEError(errno.EBADMSG)
-        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)  # an empty new file is valid everywhere
         return self._made(parent, name, self._owner(parent, ctx))
 
     @_errors
@@ -516,6 +449,12 @@ class Filesystem(pyfuse3.Operations):
         self._check_name(new_parent, new_name)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EPERM)
+        if node.stage is not None:
+            # Both names must show what was written so far, as on a plain file. Content that
+            # does not pass yet stays open; a new file without valid content has nothing to link.
+            await self.files.commit(node, quiet=True)
+            if node.pending:
+                raise pyfuse3.FUSEError(errno.EBADMSG)
         parent, name = node.location
         os.link(name, new_name, src_dir_fd=parent.fd, dst_dir_fd=new_parent.fd, follow_symlinks=False)
         st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
@@ -550,8 +489,10 @@ class Filesystem(pyfuse3.Operations):
         if stat.S_ISDIR(st.st_mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         relpath = self._relpath(parent, name)
-        await self.workers.run(self._unlink_keeping_backup, parent.fd, name, relpath)
         node = self.inodes.find(parent, name)
+        if node is not None:
+            await self.files.keep_open_version(node)
+        await self.workers.run(self._unlink_keeping_backup, parent.fd, name, relpath)
         if node is not None:
             self.inodes.unplace(node)
         if st.st_nlink > 1:
@@ -566,8 +507,10 @@ class Filesystem(pyfuse3.Operations):
         parent = self._writable_dir(parent_inode)
         if parent.ino == ROOT_INODE and name in _RESERVED:
             raise pyfuse3.FUSEError(errno.EPERM)
-        os.rmdir(name, dir_fd=parent.fd)
         node = self.inodes.find(parent, name)
+        if node is not None and self.inodes.pending_in(node):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)  # it holds new files not yet committed
+        os.rmdir(name, dir_fd=parent.fd)
         if node is not None:
             self.inodes.unplace(node)
 
@@ -580,19 +523,23 @@ class Filesystem(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
         src = self.inodes.find(old_parent, name_old)
         if src is not None and src.stage is not None:
-            await self._commit(src)  # a file renamed while still being written: commit first
+            await self.files.commit(src)  # a file renamed while still being written: commit first
         os.stat(name_old, dir_fd=old_parent.fd, follow_symlinks=False)
         try:
             dst_st = os.stat(name_new, dir_fd=new_parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             dst_st = None
         dst = self.inodes.find(new_parent, name_new)
-        if dst is not None and dst is not src and dst.stage is not None and flags & RENAME_EXCHANGE:
-            await self._commit(dst)
+        if dst is not None and dst is not src:
+            if flags & RENAME_EXCHANGE:
+                if dst.stage is not None:
+                    await self.files.commit(dst)
+            else:
+                await self.files.keep_open_version(dst)
         src_rel = self._relpath(old_parent, name_old)
         dst_rel = self._relpath(new_parent, name_new)
         await self.workers.run(
-            self._rename, old_parent.fd, name_old, new_parent.fd, name_new, flags, src_rel, dst_rel, dst_st is not None
+            self._rename, old_parent.fd, name_old, new_parent.fd, name_new, flags, src_rel, dst_rel, dst_st
         )
         if dst is not None:
             self.inodes.unplace(dst)
@@ -603,16 +550,15 @@ class Filesystem(pyfuse3.Operations):
         elif dst_st is not None and dst_st.st_nlink > 1:  # the replaced file lost a name
             await self._drop_cached_attrs(self._other_names(dst_st, dst.ino if dst else None))
 
-    def _rename(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_exists) -> None:
+    def _rename(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_st) -> None:
         # Content that may not stand under its new name is refused before anything moves.
-        reason = self.store.check_file(old_fd, name_old, dst_rel)
+        replacing = dst_st.st_size if dst_st is not None and stat.S_ISREG(dst_st.st_mode) else None
+        reason = self.store.check_file(old_fd, name_old, dst_rel, replacing)
         if reason is None and flags & RENAME_EXCHANGE:
             reason = self.store.check_file(new_fd, name_new, src_rel)
         if reason is not None:
-            self.store.stats.rejections += 1
-            log.warning("rejected rename of %s to %s: %s", src_rel, dst_rel, reason)
-            raise Rejected(dst_rel, reason, None)
-        if dst_exists and not flags & (RENAME_EXCHANGE | RENAME_NOREPLACE):
+            raise self.store.rejected(dst_rel, f"rename of {src_rel}: {reason}", None)
+        if dst_st is not None and not flags & (RENAME_EXCHANGE | RENAME_NOREPLACE):
             self.store.keep_backup(new_fd, name_new, dst_rel)
         renameat2(old_fd, name_old, new_fd, name_new, flags)
         os.fsync(new_fd)
@@ -631,9 +577,14 @@ class Filesystem(pyfuse3.Operations):
             info = pyfuse3.FileInfo(fh=self._fh(writer), direct_io=True)
             return info, self._looked_up(writer.node, st)
         parent = self._writable_dir(parent_inode)
-        self._check_name(parent, name)
         if flags & os.O_DIRECT:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        pending = self.inodes.pending_in(parent).get(name)
+        if pending is not None and not flags & os.O_EXCL:
+            # Created since the kernel's lookup and not committed yet: open that file.
+            info = await self._open(pending, flags & ~os.O_CREAT, ctx)
+            return info, self._looked_up(pending, self._stat(pending))
+        self._check_name(parent, name)
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -647,7 +598,7 @@ class Filesystem(pyfuse3.Operations):
             return info, self._looked_up(node, self._stat(node))
         # A new file exists only as its staged copy until the first commit puts it in the tree.
         relpath = self._relpath(parent, name)
-        if self.store.rule(relpath).mode == "append":
+        if self.store.rule(relpath).mode != "staged":
             fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          stat.S_IMODE(mode), dir_fd=parent.fd)
             try:
@@ -658,9 +609,9 @@ class Filesystem(pyfuse3.Operations):
                 os.close(fd)
             node = self._known(parent, name, os.stat(name, dir_fd=parent.fd, follow_symlinks=False))
         else:
-            stage = self._new_stage(relpath, stat.S_IMODE(mode), self._owner(parent, ctx))
+            stage = self.files.new_stage(relpath, stat.S_IMODE(mode), self._owner(parent, ctx))
             node = self.inodes.add(False, None, parent, name, stage)
-        info = await self._open(node, flags, ctx)
+        info = await self._open(node, flags, ctx, created=True)
         return info, self._looked_up(node, self._stat(node))
 
     @_errors
@@ -679,61 +630,10 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return await self._open(self._node(inode), flags, ctx)
 
-    async def _open(self, node: Node, flags: int, ctx) -> pyfuse3.FileInfo:
-        if node.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        handle = Handle(node, flags)
-        info = pyfuse3.FileInfo()
-        # Direct I/O for every open: the kernel keeps one size and one page cache per inode, so
-        # a reader that opened before a commit would otherwise be cut to the new size or served
-        # pages of the new content. Each handle reads its own version from its own fd.
-        info.direct_io = True
-        if not handle.writer:
-            if not node.pending:  # a new file not yet committed reads as empty
-                parent, name = self._readable_location(node)
-                handle.fd = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
-                node.readers.add(handle)
-        else:
-            relpath = node.relpath()
-            if self.store.rule(relpath).mode == "append" and not node.pending:
-                handle.append = True
-                parent, name = node.location
-                pass_flags = flags & (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC)
-                handle.fd = os.open(name, pass_flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
-            else:
-                if flags & os.O_TRUNC and not (node.pending and not node.writers):
-                    # Not dirty yet: a shell's `>` closes a duplicate of the fd before the
-                    # command writes, and that flush must not commit the empty file. A stage
-                    # nobody writes to is committed when the last writer releases it.
-                    async with node.commit_lock():
-                        if node.stage is None:
-                            node.stage = self._new_stage(relpath)
-                        else:
-                            os.ftruncate(node.stage.fd, 0)
-                node.writers.add(handle)
-                if ctx.uid != 0:
-                    node.kill_setid = True  # see Store.commit
-        node.handles += 1
+    async def _open(self, node: Node, flags: int, ctx, created: bool = False) -> pyfuse3.FileInfo:
+        handle, info = await self.files.open(node, flags, ctx, created)
         info.fh = self._fh(handle)
         return info
-
-    async def _ensure_stage(self, node: Node, empty: bool = False) -> Stage:
-        """The node's staged copy, made from the committed content on first need. Call with the
-        node's commit lock held."""
-        if node.stage is not None:
-            return node.stage
-        relpath = node.relpath()
-        if empty:
-            node.stage = self._new_stage(relpath)
-            return node.stage
-        parent, name = node.location
-        src = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
-        try:
-            node.stage = await self.workers.run(self.store.stage_copy, src, relpath)
-        finally:
-            os.close(src)
-        self._keep_pool_filled()
-        return node.stage
 
     @_errors
     async def read(self, fh, off, size):
@@ -742,16 +642,7 @@ class Filesystem(pyfuse3.Operations):
             return handle.read(off, size)
         if isinstance(handle, CacheWriter):
             return os.pread(handle.fd, size, off)
-        node = handle.node
-        if handle.writer and not handle.append:
-            if node.stage is not None:
-                return os.pread(node.stage.fd, size, off)
-            if handle.fd is None:
-                parent, name = node.location
-                handle.fd = os.open(name, _READ_FLAGS, dir_fd=parent.fd)
-        if handle.fd is None:
-            return b""  # opened while the file was new and not yet committed
-        return os.pread(handle.fd, size, off)
+        return await self.files.read(handle, off, size)
 
     @_errors
     async def write(self, fh, off, buf):
@@ -760,41 +651,24 @@ class Filesystem(pyfuse3.Operations):
             return await self.cache_view.write(handle, off, buf)
         if isinstance(handle, (GenerationReader, CacheReader)):
             raise pyfuse3.FUSEError(errno.EBADF)
-        if not handle.writer:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        if handle.append:
-            if handle.flags & os.O_APPEND:
-                return os.write(handle.fd, buf)
-            return os.pwrite(handle.fd, buf, off)
-        node = handle.node
-        async with node.commit_lock():
-            stage = await self._ensure_stage(node)
-            if handle.flags & os.O_APPEND:
-                off = os.fstat(stage.fd).st_size
-            written = os.pwrite(stage.fd, buf, off)
-        handle.dirty = True
-        return written
+        return await self.files.write(handle, off, buf)
+
+    @_errors
+    async def fallocate(self, fh, mode, offset, length):
+        # Reaches the daemon only with pyfuse3 carrying tools/pyfuse3.patch; without it the
+        # kernel answers EOPNOTSUPP itself.
+        handle = self.handles[fh]
+        if not isinstance(handle, Handle):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # .backups and .cache files
+        await self.files.fallocate(handle, mode, offset, length)
 
     @_errors
     async def flush(self, fh):
         handle = self.handles.get(fh)
         if isinstance(handle, CacheWriter):
             await self.cache_view.flush(handle)
-            return
-        if not isinstance(handle, Handle) or not handle.writer or handle.append:
-            return
-        node = handle.node
-        if handle.dirty:
-            await self._commit(node)
-        elif node.stage is not None and node.parent is not None:
-            # Created or truncated but not written: empty content is final only if the rule
-            # accepts it; for a JSON file the real content is still coming through another fd
-            # (a shell's `>`), so wait for the last release.
-            if self.store.rule(node.relpath()).validate == "none":
-                await self._commit(node)
-                # If the writer goes on, this empty content was only an intermediate state:
-                # the next commit need not keep it as a backup generation.
-                node.intermediate = True
+        elif isinstance(handle, Handle):
+            await self.files.flush(handle)
 
     @_errors
     async def fsync(self, fh, datasync):
@@ -802,108 +676,20 @@ class Filesystem(pyfuse3.Operations):
         if isinstance(handle, CacheWriter):
             await self.workers.run(os.fsync, handle.fd)
         elif isinstance(handle, Handle):
-            if handle.append:
-                await self.workers.run(os.fsync, handle.fd)
-            elif handle.node.stage is not None:
-                await self.workers.run(os.fsync, handle.node.stage.fd)
+            await self.files.fsync(handle)
 
     @_errors
     async def release(self, fh):
         handle = self.handles.pop(fh)
         if isinstance(handle, CacheWriter):
             await self.cache_view.release(self.inodes, handle)
-            return
-        if isinstance(handle, (GenerationReader, CacheReader)):
+        elif isinstance(handle, (GenerationReader, CacheReader)):
             if handle.fd is not None:
                 os.close(handle.fd)
             handle.node.handles -= 1
             self.inodes.maybe_free(handle.node)
-            return
-        node = handle.node
-        if handle.fd is not None:
-            os.close(handle.fd)
-        node.readers.discard(handle)
-        try:
-            if handle.writer and not handle.append:
-                node.writers.discard(handle)
-                if not node.writers:
-                    node.intermediate = False
-                    if node.stage is not None:
-                        # flush normally committed already; whatever is left must not be
-                        # dropped. Nobody waits for this answer, so failures go to the log.
-                        try:
-                            await self._commit(node)
-                        except Rejected:
-                            pass  # logged and counted by the store
-                        except (OSError, pyfuse3.FUSEError) as e:
-                            log.warning("%s was not committed when its last writer closed it: %s", node.relpath(), e)
-        finally:
-            node.handles -= 1
-            self.inodes.maybe_free(node)
-
-    async def _commit(self, node: Node) -> None:
-        """Commit the node's staged content (or quarantine it) and tell the kernel."""
-        async with node.commit_lock():
-            stage = node.stage
-            if stage is None:
-                return
-            node.stage = None
-            keep_empty, node.intermediate = not node.intermediate, False
-            kill_setid, node.kill_setid = node.kill_setid, bool(node.writers) and node.kill_setid
-            for writer in node.writers:
-                writer.dirty = False
-            relpath = node.relpath()
-            if node.parent is None:
-                # The program removed the file while writing it (an anonymous temporary file,
-                # or a name renamed over): its data goes away, as on any filesystem.
-                await self.workers.run(self.store.discard, stage)
-                return
-            parent, name = node.location
-            try:
-                left = await self.workers.run(self._commit_and_invalidate, node.ino, stage, parent.fd, name, relpath, keep_empty,
-                                       kill_setid)
-            except Rejected:
-                if node.pending:
-                    # A new file whose first content is refused never existed. The kernel must
-                    # forget the name before close() returns, or the writer's next open of the
-                    # same name would reach this node instead of creating the file anew.
-                    self.inodes.unplace(node)
-                    await self.workers.run(self._invalidate_entry, parent.ino, name)
-                raise
-            self.inodes.committed(node)
-            if left is not None:  # the name has a new inode; the file it left has one name fewer
-                await self._drop_cached_attrs(self._other_names(left, node.ino))
-
-    def _commit_and_invalidate(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, keep_empty: bool,
-                               kill_setid: bool) -> os.stat_result | None:
-        """In a worker thread: the commit, then the kernel's cached attributes of the file are
-        dropped before the writer's close() returns, so the next stat sees the new size. Pages
-        need no invalidation: every open is direct I/O, and the kernel drops a direct-I/O file's
-        pages itself whenever it is mapped. (The call writes to /dev/fuse, so it never runs on
-        the trio thread; sharing the commit's thread saves a hop.) Returns the stat of the file the
-        name had before, when that file has other hard links (their attributes changed too)."""
-        try:
-            before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            before = None
-        self.store.commit(stage, dir_fd, name, relpath, keep_empty, kill_setid)
-        self._invalidate_attrs(ino)
-        return before if before is not None and before.st_nlink > 1 else None
-
-    async def commit_all(self) -> int:
-        """Commit (or quarantine) every staged file; used when unmounting. Returns how many."""
-        count = 0
-        for node in list(self.inodes.nodes()):
-            if node.stage is not None:
-                count += 1
-                try:
-                    await self._commit(node)
-                except Exception as e:  # noqa: BLE001 - a rejection is already quarantined and logged
-                    log.warning("at unmount, %s was not committed: %s", node.relpath(), e)
-        return count
-
-    def open_stages(self) -> int:
-        return sum(1 for node in self.inodes.nodes() if node.stage is not None)
+        else:
+            await self.files.release(handle)
 
     # -- directories -----------------------------------------------------------------------
 
@@ -956,6 +742,8 @@ class Filesystem(pyfuse3.Operations):
                 try:
                     st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
                     child = self._known(node, name, st)
+                    if child.stage is not None:
+                        st = self._stat(child)  # being written: the open version's size and times
                 except (OSError, pyfuse3.FUSEError):
                     continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, st), i + 1):

@@ -26,15 +26,17 @@ _DIR_MODE = stat.S_IFDIR | 0o555
 
 
 class Attrs:
-    """The attributes of a virtual entry, named as in Attrs."""
+    """Attributes not read from one backing file (a virtual entry, a file's open version), named
+    as in os.stat_result."""
 
     __slots__ = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime_ns", "st_mtime_ns",
-                 "st_ctime_ns", "st_rdev", "st_blksize", "st_blocks")
+                 "st_ctime_ns", "st_rdev", "st_blksize", "st_blocks", "st_dev", "st_ino")
 
     def __init__(self, mode: int, nlink: int, uid: int, gid: int, size: int, atime: int, mtime: int, ctime: int):
         self.st_mode, self.st_nlink, self.st_uid, self.st_gid, self.st_size = mode, nlink, uid, gid, size
         self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns = atime, mtime, ctime
         self.st_rdev, self.st_blksize, self.st_blocks = 0, 4096, (size + 511) // 512
+        self.st_dev = self.st_ino = 0  # the backing file's, where there is one
 
 
 class BackupsView:

@@ -1,0 +1,422 @@
+"""The life of an open regular file: its one open version, the handles that share it, and its
+commit points. The request handlers (`operations`) call in here for every regular-file open,
+read, write, truncate, flush, fsync and release.
+
+What it guarantees (the contract's "Through the mount", 1 to 3):
+
+- **One open version.** While a file is being written its next content is the node's `stage`,
+  shared by every write-capable handle: opened for writing, or with O_CREAT or O_TRUNC in any
+  access mode (`Handle.holds`), across processes, `dup` and `fork`. Those handles read, fstat and
+  seek within it, and so does a `stat` of the name. Read-only handles of a committed file read,
+  from their own fd, the version committed when they opened; of a new file, the open version.
+- **Commit points.** The close (FUSE flush) of a write-capable handle, `fsync` on one, and the
+  last release. A commit renames the stage over the name; handles still open go on from what
+  they wrote (their next write stages a copy of the committed content), so history never forks.
+  A flush from a handle that wrote nothing since the last commit (a shell's `>` closing its
+  duplicate before the command writes) commits only content that passes, and otherwise leaves
+  it to the writer that is still coming.
+- **Refusal.** Content its rule refuses fails that close or fsync with EBADMSG and stays the open
+  version while any write-capable handle is open: a child closing an inherited descriptor does
+  not decide the parent's file. The last release sends still-refused content to the quarantine.
+  Each refused content is recorded once, however many closes met it.
+- **One backup per session.** From the first stage until the last write-capable handle is
+  released, only the first commit keeps the content it replaces as a backup generation; later
+  commits replace the session's own intermediate states (a child's close, each fsync of a
+  database), which would otherwise rotate the real previous versions out.
+- **Direct files** (rule `mode = "direct"`, and `append`) are never staged: each handle holds an
+  fd on the backing file itself, and reads, writes, truncation and fsync go straight to it.
+
+Locking: `node.commit_lock()` serializes everything that touches a node's stage (reads through
+it included, since a commit closes the stage's fd). It is held across the worker calls that copy
+and commit the stage; no other lock is taken while it is held.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import pyfuse3
+import trio
+
+from fusestore.engine.paths import fallocate
+from fusestore.engine.store import Invalid, Rejected, Stage, Store
+from fusestore.fs.nodes import InodeTable, Node
+from fusestore.fs.virtual import Attrs
+from fusestore.fs.workers import Workers
+
+log = logging.getLogger(__name__)
+
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_PASS_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
+
+
+class Handle:
+    """One open file description of a regular file (one FUSE `fh`, shared by `dup` and `fork`)."""
+
+    __slots__ = ("node", "flags", "fd", "writer", "holds", "direct", "wrote", "version")
+
+    def __init__(self, node: Node, flags: int, created: bool):
+        self.node = node
+        self.flags = flags
+        # Read-only handles of a committed file: their own fd on that version. Direct handles:
+        # the fd on the backing file. Handles of the open version: None.
+        self.fd: int | None = None
+        self.writer = (flags & os.O_ACCMODE) != os.O_RDONLY
+        self.holds = self.writer or created or bool(flags & os.O_TRUNC)  # shares the open version
+        self.direct = False
+        self.wrote = False  # wrote since the last commit
+        self.version = node.commits  # a read-only handle reads the version committed at its open
+
+
+def readable_location(node: Node) -> tuple[Node, bytes]:
+    """Where to read the node's content: its name, or, when a rename or commit just took the
+    name away, the name's new content (the kernel resolved the path just before)."""
+    if node.parent is not None:
+        return node.parent, node.name
+    if node.former is not None and node.former[0].fd is not None:
+        return node.former
+    raise FileNotFoundError(errno.ENOENT, "the file has no name any more")
+
+
+class Files:
+    def __init__(self, store: Store, inodes: InodeTable, workers: Workers, invalidate_attrs, drop_other_names):
+        self.store = store
+        self.inodes = inodes
+        self.workers = workers
+        self._invalidate_attrs = invalidate_attrs  # (ino) -> None, blocking: call in a worker
+        self._drop_other_names = drop_other_names  # async (stat of a replaced file, ino) -> None
+        self._refilling = False
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def mode(self, node: Node) -> str:
+        """How `node` is written: "staged", or straight to the backing file ("direct",
+        "append"). A new file is staged until its first commit, whatever its rule."""
+        return "staged" if node.pending else self.store.rule(node.relpath()).mode
+
+    async def open(self, node: Node, flags: int, ctx, created: bool = False) -> tuple[Handle, pyfuse3.FileInfo]:
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if node.pending and node.stage is None:
+            # A new file whose content was refused: it never existed, but the kernel had not
+            # yet forgotten its name. ESTALE makes the kernel look the name up again (and
+            # create the file anew for O_CREAT).
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        handle = Handle(node, flags, created)
+        info = pyfuse3.FileInfo()
+        mode = self.mode(node)
+        if mode != "staged":
+            parent, name = node.location
+            handle.fd = os.open(name, (flags & _PASS_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            handle.direct = True
+            # Direct files have one version, so they get the page cache and shared maps. Not
+            # kept across opens: a change made in the backing tree shows at the next open.
+            # Appended files stay direct I/O: fusestore itself appends to project logs in the
+            # backing tree, behind the kernel's cached size.
+            info.direct_io = mode != "direct"
+            info.keep_cache = False
+        else:
+            # Direct I/O: the kernel keeps one size and one page cache per inode, while a
+            # reader that opened before a commit reads the version it opened, from its own fd.
+            info.direct_io = True
+            if handle.holds:
+                # Joined before anything is awaited: a last release that is committing
+                # meanwhile then knows the file has a writer again.
+                truncate = flags & os.O_TRUNC and not (node.pending and not node.writers)
+                node.writers.add(handle)
+                if ctx.uid != 0 and handle.writer:
+                    node.kill_setid = True  # see Store.commit
+                if truncate:
+                    try:
+                        async with node.commit_lock():
+                            if node.stage is None:
+                                node.stage = self.new_stage(node.relpath())
+                            else:
+                                os.ftruncate(node.stage.fd, 0)
+                    except BaseException:
+                        node.writers.discard(handle)
+                        raise
+                    node.refusal_recorded = False
+            elif not node.pending:
+                parent, name = readable_location(node)
+                handle.fd = os.open(name, READ_FLAGS, dir_fd=parent.fd)
+                node.readers.add(handle)
+        node.handles += 1
+        return handle, info
+
+    # -- the open version ------------------------------------------------------------------
+
+    def new_stage(self, relpath: str, mode: int = 0o600, owner: tuple[int, int] | None = None) -> Stage:
+        """An empty staged file, taken from the store's pool, which is then topped up."""
+        stage = self.store.new_stage(relpath, mode, owner)
+        self._keep_pool_filled()
+        return stage
+
+    def _keep_pool_filled(self) -> None:
+        if self._refilling or not self.store.pool_low():
+            return
+        self._refilling = True
+
+        async def refill():
+            try:
+                await self.workers.run(self.store.refill_pool)
+            except Exception:  # noqa: BLE001 - without a pool, new_stage creates files itself
+                log.exception("could not make staged files ahead")
+            finally:
+                self._refilling = False
+
+        trio.lowlevel.spawn_system_task(refill)
+
+    async def _ensure_stage(self, node: Node) -> Stage:
+        """The node's open version, staged from the committed content on first need. Call
+        with the node's commit lock held."""
+        if node.stage is not None:
+            return node.stage
+        parent, name = node.location
+        src = os.open(name, READ_FLAGS, dir_fd=parent.fd)
+        try:
+            node.stage = await self.workers.run(self.store.stage_copy, src, node.relpath())
+        finally:
+            os.close(src)
+        self._keep_pool_filled()
+        return node.stage
+
+    async def keep_open_version(self, node: Node) -> None:
+        """The name is about to go (unlink, renamed over) while handles still write the file:
+        they go on with its content, as on any filesystem, so it is staged first."""
+        if node.writers and node.parent is not None and not node.pending:
+            async with node.commit_lock():
+                await self._ensure_stage(node)
+
+    async def read(self, handle: Handle, off: int, size: int) -> bytes:
+        node = handle.node
+        if handle.fd is not None:
+            data = os.pread(handle.fd, size, off)
+            if len(data) < size and not handle.direct and (node.stage is not None or handle.version != node.commits):
+                # The end of an older version than the file's: the kernel would take this short
+                # read for the file's size and cut its cached size, which writers then seek to.
+                # Dropping the cached attributes before the reply bumps their version, so the
+                # kernel leaves the size alone.
+                await self.workers.run(self._invalidate_attrs, node.ino)
+            return data
+        async with node.commit_lock():
+            if node.stage is not None:
+                return os.pread(node.stage.fd, size, off)
+            if node.pending or node.parent is None:
+                return b""  # a new file whose content was refused, or one removed unwritten
+            parent, name = node.location
+            fd = os.open(name, READ_FLAGS, dir_fd=parent.fd)
+        try:
+            return os.pread(fd, size, off)
+        finally:
+            os.close(fd)
+
+    async def write(self, handle: Handle, off: int, buf: bytes) -> int:
+        if not handle.writer:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.direct:
+            if handle.flags & os.O_APPEND:
+                return os.write(handle.fd, buf)
+            return os.pwrite(handle.fd, buf, off)
+        node = handle.node
+        async with node.commit_lock():
+            stage = await self._ensure_stage(node)
+            if handle.flags & os.O_APPEND:
+                off = os.fstat(stage.fd).st_size
+            written = os.pwrite(stage.fd, buf, off)
+        handle.wrote = True
+        node.refusal_recorded = False
+        return written
+
+    async def fallocate(self, handle: Handle, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the handle's version: the backing file of a direct handle, else
+        the open version (all modes: plain, keep-size, punch-hole, zero-range)."""
+        if not handle.writer:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.direct:
+            await self.workers.run(fallocate, handle.fd, mode, offset, length)
+            return
+        node = handle.node
+        async with node.commit_lock():
+            stage = await self._ensure_stage(node)
+            await self.workers.run(fallocate, stage.fd, mode, offset, length)
+        handle.wrote = True
+        node.refusal_recorded = False
+
+    async def truncate(self, node: Node, size: int, handle: Handle | None) -> None:
+        if self.mode(node) != "staged":
+            parent, name = node.location
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            return
+        async with node.commit_lock():
+            if node.stage is None and size == 0:
+                node.stage = self.new_stage(node.relpath())
+            else:
+                os.ftruncate((await self._ensure_stage(node)).fd, size)
+        node.refusal_recorded = False
+        if handle is not None and handle.holds:
+            handle.wrote = True
+        elif not node.writers:
+            # truncate(2) of a path, or ftruncate of a file nobody writes: a commit of its own.
+            await self.commit(node, final=True)
+
+    def stat(self, node: Node, committed):
+        """The attributes of a file with an open version: the size and times of that version,
+        the rest (mode, owner, links) of the file it will replace, `committed()` (a stat)."""
+        own = os.fstat(node.stage.fd)
+        base = own
+        if not node.pending and node.parent is not None:
+            try:
+                base = committed()
+            except FileNotFoundError:
+                pass  # removed while open: what is left is the open version
+        attrs = Attrs(base.st_mode, 1 if base is own else base.st_nlink, base.st_uid, base.st_gid, own.st_size,
+                      own.st_atime_ns, own.st_mtime_ns, own.st_ctime_ns)
+        attrs.st_blocks = own.st_blocks
+        attrs.st_dev, attrs.st_ino = base.st_dev, base.st_ino
+        return attrs
+
+    # -- commit points ---------------------------------------------------------------------
+
+    async def flush(self, handle: Handle) -> None:
+        if handle.holds and not handle.direct and handle.node.stage is not None:
+            await self.commit(handle.node, quiet=not handle.wrote)
+
+    async def fsync(self, handle: Handle) -> None:
+        if handle.direct:
+            await self.workers.run(os.fsync, handle.fd)
+        elif handle.holds and handle.node.stage is not None:
+            await self.commit(handle.node)
+        # A read-only handle's version is committed, and so durable already.
+
+    async def release(self, handle: Handle) -> None:
+        node = handle.node
+        if handle.fd is not None:
+            os.close(handle.fd)
+        node.readers.discard(handle)
+        try:
+            if handle in node.writers:
+                node.writers.discard(handle)
+                if not node.writers:
+                    try:
+                        # Nobody waits for this answer: what fails is logged, never dropped.
+                        await self.commit(node, final=True)
+                    except Rejected:
+                        pass  # recorded, and the content is in the quarantine
+                    except (OSError, pyfuse3.FUSEError) as e:
+                        log.warning("%s was not committed when its last writer closed it: %s", node.relpath(), e)
+                    node.backed_up = node.kill_setid = node.refusal_recorded = False
+        finally:
+            node.handles -= 1
+            self.inodes.maybe_free(node)
+
+    async def commit(self, node: Node, quiet: bool = False, final: bool = False) -> None:
+        """Commit the node's open version. `quiet`: content that does not pass stays open,
+        unrecorded. `final` (the last release, unmount): content that does not pass, or cannot
+        be committed, goes to the quarantine and the stage is gone either way."""
+        async with node.commit_lock():
+            stage = node.stage
+            if stage is None:
+                return
+            if node.parent is None:
+                # Removed while open (an anonymous temporary file, a name renamed over): its
+                # data lives as long as its handles, as on any filesystem.
+                if final:
+                    node.stage = None
+                    await self.workers.run(self.store.discard, stage)
+                return
+            parent, name = node.location
+            relpath = node.relpath()
+            try:
+                replaced = await self.workers.run(self._commit_in_worker, node.ino, stage, parent.fd, name, relpath,
+                                                  not node.backed_up, node.kill_setid)
+            except Invalid as e:
+                if quiet and not final:
+                    return
+                await self._refuse(node, stage, relpath, e.reason, final)
+            except OSError as e:
+                if final:
+                    node.stage = None
+                    self._forget_new_file(node)
+                    await self.workers.run(self.store.quarantine, stage, relpath,
+                                           f"commit failed: {e.strerror or e}")
+                raise
+            # The stage's fd stayed open through the commit (now on the committed file), so a
+            # getattr meanwhile could fstat it; it closes here, on the trio thread.
+            node.stage = None
+            os.close(stage.fd)
+            node.commits += 1
+            node.backed_up = True
+            node.refusal_recorded = False
+            for writer in node.writers:
+                writer.wrote = False
+            self.inodes.committed(node)
+            if replaced is not None:  # the name has a new inode; the file it left has one name fewer
+                await self._drop_other_names(replaced, node.ino)
+
+    def _commit_in_worker(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, backup: bool,
+                          kill_setid: bool) -> os.stat_result | None:
+        """The commit, then the kernel's cached attributes of the file are dropped before the
+        writer's close() returns, so the next stat sees the new size. Pages need no
+        invalidation: every staged open is direct I/O. (The call writes to /dev/fuse, so it
+        never runs on the trio thread; sharing the commit's thread saves a hop.) Returns the
+        stat of the file the name had before, when that file has other hard links."""
+        try:
+            before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            before = None
+        self.store.commit(stage, dir_fd, name, relpath, backup, kill_setid)
+        self._invalidate_attrs(ino)
+        return before if before is not None and before.st_nlink > 1 else None
+
+    async def _refuse(self, node: Node, stage: Stage, relpath: str, reason: str, final: bool):
+        """Record a refusal (once per content) and raise it; at the last release the content
+        goes to the quarantine, and a new file whose first content is refused never existed."""
+        if not final:
+            if node.refusal_recorded:
+                raise Rejected(relpath, reason, None)
+            node.refusal_recorded = True
+            raise self.store.rejected(relpath, reason, None)
+        recorded = node.refusal_recorded
+        node.stage = None
+        self._forget_new_file(node)  # at once: an open meanwhile must not find a dying file
+        quarantined = await self.workers.run(self.store.quarantine, stage, relpath, reason, recorded)
+        if recorded:
+            self.store.quarantined_after_refusal(relpath, quarantined)
+            raise Rejected(relpath, reason, quarantined)
+        raise self.store.rejected(relpath, reason, quarantined)
+
+    def _forget_new_file(self, node: Node) -> None:
+        if node.pending and node.parent is not None and node.writers:
+            # Someone opened the name while its refused content went to the quarantine: for
+            # them the file is new and empty, as if created now.
+            node.stage = self.new_stage(node.relpath())
+            node.refusal_recorded = False
+        elif node.pending and node.parent is not None:
+            # The kernel must forget the name, or the next open of it would reach this node
+            # instead of creating the file anew. Queued: the kernel may hold the directory's
+            # lock for the very request that brought us here.
+            parent, name = node.location
+            self.inodes.unplace(node)
+            pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
+
+    async def commit_all(self) -> int:
+        """Commit (or quarantine) every open version; used when unmounting. Returns how many."""
+        count = 0
+        for node in list(self.inodes.nodes()):
+            if node.stage is not None:
+                count += 1
+                try:
+                    await self.commit(node, final=True)
+                except Exception as e:  # noqa: BLE001 - a refusal is already quarantined and logged
+                    log.warning("at unmount, %s was not committed: %s", node.relpath(), e)
+        return count
+
+    def open_versions(self) -> int:
+        return sum(1 for node in self.inodes.nodes() if node.stage is not None)
