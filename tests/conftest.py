@@ -151,6 +151,23 @@ def mount(make_mount) -> Mount:
     return make_mount()
 
 
+@pytest.fixture
+def plain(tmp_path: Path) -> Path:
+    """A plain directory beside the mount: the oracle its behaviour is compared with."""
+    d = tmp_path / "plain"
+    d.mkdir()
+    return d
+
+
+def errno_of(fn, *args) -> int | None:
+    """The errno `fn(*args)` failed with, or None when it succeeded."""
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return None
+
+
 def wait_for(predicate, timeout: float = 5.0) -> bool:
     """Poll `predicate` until it holds; for effects the kernel delivers after a syscall returns."""
     deadline = time.monotonic() + timeout

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import write_json
+from conftest import errno_of, write_json
 
 
 def test_inode_number_is_stable_across_commits(mount):
@@ -25,9 +25,9 @@ def test_mkdir_rmdir_and_modes(mount):
     os.mkdir(mount / "d", 0o750)
     assert stat.S_IMODE(os.stat(mount / "d").st_mode) == 0o750 & ~_umask()
     assert stat.S_ISDIR(os.stat(mount.backing / "d").st_mode)
-    assert _errno(os.rmdir, mount / "nope") == errno.ENOENT
+    assert errno_of(os.rmdir, mount / "nope") == errno.ENOENT
     (mount / "d/f").write_text("x")
-    assert _errno(os.rmdir, mount / "d") == errno.ENOTEMPTY
+    assert errno_of(os.rmdir, mount / "d") == errno.ENOTEMPTY
     os.unlink(mount / "d/f")
     os.rmdir(mount / "d")
     assert not (mount.backing / "d").exists()
@@ -156,7 +156,7 @@ def test_xattrs_only_with_the_option(make_mount):
     assert os.getxattr(m.mnt / "x.txt", "user.tag") == b"blue", "xattrs carry over a commit"
     assert "user.tag" in os.listxattr(m.mnt / "x.txt")
     os.removexattr(m.mnt / "x.txt", "user.tag")
-    assert _errno(os.getxattr, m.mnt / "x.txt", "user.tag") == errno.ENODATA
+    assert errno_of(os.getxattr, m.mnt / "x.txt", "user.tag") == errno.ENODATA
 
 
 def test_xattrs_are_carried_over_commits_without_the_option(mount):
@@ -164,12 +164,12 @@ def test_xattrs_are_carried_over_commits_without_the_option(mount):
     os.setxattr(mount.backing / "x.txt", "user.tag", b"red")
     (mount / "x.txt").write_text("2")
     assert os.getxattr(mount.backing / "x.txt", "user.tag") == b"red"
-    assert _errno(os.getxattr, mount / "x.txt", "user.tag") in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODATA)
+    assert errno_of(os.getxattr, mount / "x.txt", "user.tag") in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODATA)
 
 
 def test_o_direct_and_bad_offsets_get_errors_not_a_dead_daemon(mount):
     (mount / "f.txt").write_text("abc")
-    assert _errno(os.open, mount / "f.txt", os.O_RDONLY | os.O_DIRECT) == errno.EINVAL
+    assert errno_of(os.open, mount / "f.txt", os.O_RDONLY | os.O_DIRECT) == errno.EINVAL
     fd = os.open(mount / "f.txt", os.O_RDWR)
     try:
         assert os.pread(fd, 10, 1 << 62) == b""
@@ -225,14 +225,6 @@ def test_unmount_quarantines_invalid_files_still_open(make_mount):
         f.close()
     except OSError:
         pass
-
-
-def _errno(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return None
 
 
 def _umask() -> int:
@@ -319,7 +311,7 @@ def test_tree_changed_behind_the_mounts_back_never_breaks_the_daemon(make_mount)
     shutil.rmtree(mount.backing / "d")  # the directory the daemon holds open goes away
     (mount.backing / "d").write_text("now a file")  # and its name becomes a file
     time.sleep(0.4)
-    assert _errno(os.listdir, mount / "d/e") == errno.ENOTDIR
+    assert errno_of(os.listdir, mount / "d/e") == errno.ENOTDIR
     assert (mount / "d").read_text() == "now a file"
     os.unlink(mount.backing / "d")
     os.mkdir(mount.backing / "d")  # and a directory again

@@ -18,16 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import errno_of, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def plain(tmp_path: Path) -> Path:
-    d = tmp_path / "plain"
-    d.mkdir()
-    return d
 
 
 def same(mount, plain: Path, work):
@@ -217,21 +210,18 @@ def test_emptying_a_validated_file_is_still_refused(mount):
     assert (mount / "full.json").read_text() == "[1]"
 
 
-def test_a_file_created_read_only_exists_at_once(mount, plain):
+@pytest.mark.parametrize("flags", [os.O_RDONLY | os.O_CREAT, os.O_WRONLY | os.O_CREAT], ids=["read-only", "write-only"])
+def test_a_file_being_created_is_a_real_file(mount, plain, flags):
     def work(d: Path):
         (d / "locks").mkdir()
-        fd = os.open(d / "locks/job.lock", os.O_RDONLY | os.O_CREAT, 0o644)
-        try:
-            os.rmdir(d / "locks")
-            rmdir = 0
-        except OSError as e:
-            rmdir = e.errno
+        fd = os.open(d / "locks/job.lock", flags, 0o644)
+        rmdir = errno_of(os.rmdir, d / "locks")  # not empty: it holds the new file
         os.close(fd)
         os.link(d / "locks/job.lock", d / "locks/again.lock")
         return rmdir, sorted(os.listdir(d / "locks"))
 
-    same(mount, plain, work)
-    assert (mount.backing / "locks/job.lock").exists()
+    assert same(mount, plain, work)[0] == errno.ENOTEMPTY
+    assert (mount.backing / "locks/job.lock").exists()  # exists once its creating handle closed
 
 
 def test_flock_with_a_lock_file(mount, plain):
@@ -346,21 +336,6 @@ def test_a_refused_rename_is_recorded(mount):
     assert status["recent_rejections"][-1]["path"] == "project-1/final.json"
     lines = (mount.backing / "project-1/logs/errors.log").read_text().splitlines()
     assert json.loads(lines[-1])["event"] == "rejected"
-
-
-def test_a_directory_holding_a_file_being_created_is_not_empty(mount, plain):
-    def work(d: Path):
-        (d / "sub").mkdir()
-        fd = os.open(d / "sub/new.txt", os.O_CREAT | os.O_WRONLY, 0o644)
-        try:
-            os.rmdir(d / "sub")
-            result = 0
-        except OSError as e:
-            result = e.errno
-        os.close(fd)
-        return result, os.listdir(d / "sub")
-
-    same(mount, plain, work)
 
 
 def test_python_tempfile_survives_a_subprocess(mount, plain):

@@ -20,13 +20,6 @@ from conftest import Output
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def plain(tmp_path: Path) -> Path:
-    d = tmp_path / "plain"
-    d.mkdir()
-    return d
-
-
 def fill(path: Path, rows: int, journal: str = "DELETE") -> tuple:
     con = sqlite3.connect(path)
     con.execute(f"PRAGMA journal_mode={journal}")
