@@ -246,8 +246,8 @@ class Exerciser:
         self.seed = seed
         self.history: list[str] = []
         # Open descriptors: slot -> (mount fd, plain fd, flags, writes to the plain inode seen
-        # when it opened); and writes per plain inode, for the read-only isolation rule.
-        self.fds: dict[int, tuple[int, int, int, int]] = {}
+        # when it opened, path); and writes per plain inode, for the read-only isolation rule.
+        self.fds: dict[int, tuple[int, int, int, int, str]] = {}
         self.writes: dict[tuple[int, int], int] = {}
 
     def path(self) -> str:
@@ -281,15 +281,30 @@ class Exerciser:
     def _held(self) -> set:
         """The plain inodes that a write-capable descriptor holds (one that may have
         uncommitted writes)."""
-        return {self._inode(fd=pfd) for _, pfd, flags, _ in self.fds.values()
+        return {self._inode(fd=pfd) for _, pfd, flags, _, _ in self.fds.values()
                 if flags & (os.O_ACCMODE | os.O_CREAT | os.O_TRUNC)}
+
+    def _linked_elsewhere(self, pfd: int, path: str) -> bool:
+        """Whether the file behind a descriptor has a name besides the one it was opened by (a
+        hard link, or its name was unlinked or renamed while another link stays): writes go to
+        the name written through, by design, where a plain file has one inode for all names."""
+        st = os.fstat(pfd)
+        if st.st_nlink == 0:
+            return False  # no name at all: an anonymous file on both sides
+        if st.st_nlink > 1:
+            return True
+        try:
+            now = os.stat(os.path.join(self.roots[1], path), follow_symlinks=False)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
 
     def close_all(self) -> None:
         for slot in list(self.fds):
             self._close(slot)
 
     def _close(self, slot: int) -> None:
-        mfd, pfd, _, _ = self.fds.pop(slot)
+        mfd, pfd, _, _, _ = self.fds.pop(slot)
         results = [outcome(os.close, fd) for fd in (mfd, pfd)]
         self.history.append(f"close[{slot}] {_said(results[1])}")
         if results[0] != results[1]:
@@ -314,7 +329,7 @@ class Exerciser:
                 # Opened while a writer holds the file: it reads the committed version, never
                 # what the plain file shows.
                 seen = -1 if key in self._held() else self.writes.get(key, 0)
-                self.fds[slot] = (results[0][1], pfd, flags if creates else flags & ~os.O_CREAT, seen)
+                self.fds[slot] = (results[0][1], pfd, flags if creates else flags & ~os.O_CREAT, seen, p)
                 return
             for kind, fd in results:
                 if kind == "ok":
@@ -322,14 +337,13 @@ class Exerciser:
             if results[0] != results[1]:
                 raise _differ(f"open({p!r}, {flags:#o})", *results)
             return
-        mfd, pfd, flags, seen = self.fds[slot]
+        mfd, pfd, flags, seen, path = self.fds[slot]
         key = self._inode(fd=pfd)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         kind = r.choice(["pwrite", "end", "sparse", "read", "read", "fstat", "truncate", "fsync", "dup", "child",
                          "fallocate", "close", "close"])
-        if kind in ("pwrite", "end", "sparse", "truncate", "fallocate") and (not writable or (
-                key is not None and os.fstat(pfd).st_nlink > 1)):
-            kind = "fstat"  # a read-only descriptor gets EBADF alike; multi-linked: see above
+        if kind in ("pwrite", "end", "sparse", "truncate", "fallocate") and (not writable or self._linked_elsewhere(pfd, path)):
+            kind = "fstat"  # a read-only descriptor gets EBADF alike; hard links: see above
         if kind == "close":
             self._close(slot)
             return
@@ -419,7 +433,7 @@ def run(mount_root: str, plain_root: str, ops: int, seed: int, check_every: int 
                 ex.compare_trees()
         ex.compare_trees()
     except Mismatch as e:
-        for mfd, pfd, _, _ in ex.fds.values():
+        for mfd, pfd, _, _, _ in ex.fds.values():
             for fd in (mfd, pfd):
                 outcome(os.close, fd)
         tail = "\n  ".join(ex.history[-25:])
