@@ -366,8 +366,8 @@ class Exerciser:
         results = [outcome(fn, fd, *rest) for fd in (mfd, pfd)]
         self.history.append(f"{fn.__name__}[{slot}]{tuple(rest)!r:.100} {_said(results[1])}")
         isolated = not writable and not flags & (os.O_CREAT | os.O_TRUNC) and self.writes.get(key, 0) != seen
-        if fn in (fd_read, fd_fstat) and isolated:
-            return  # by design: a read-only descriptor keeps the version it opened
+        if fn in (fd_read, fd_fstat) and (isolated or self._linked_elsewhere(pfd, path)):
+            return  # by design: a read-only descriptor keeps its version; hard links: see above
         if results[0] != results[1]:
             raise _differ(f"{fn.__name__}[{slot}]{tuple(rest)!r:.100}", *results)
 
