@@ -11,15 +11,7 @@ import sys
 
 import pytest
 
-from conftest import write_json
-
-
-def errno_of(fn, *args) -> int | None:
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return None
+from conftest import errno_of, write_json
 
 
 def test_state_directory_is_invisible_and_unreachable(mount):
