@@ -140,6 +140,9 @@ def test_fsync_commits_and_a_refused_fsync_keeps_the_open_version(mount, plain):
     assert durable == b'{"a": 1}'  # ...the whole one is, before close()
     assert work(plain)[2] == b'{"a": 1}'
     assert mount.quarantine == []
+    # The refused fsync is recorded like a refused close: path, time and line and column.
+    [refusal] = mount.status()["recent_rejections"]
+    assert refusal["path"] == "j.json" and "line 1, column" in refusal["reason"]
 
 
 def test_a_refusal_at_close_leaves_the_content_to_a_writer_still_open(mount):
