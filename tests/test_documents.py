@@ -300,6 +300,23 @@ def test_gc_drops_old_backups_but_keeps_the_newest_of_live_files(make_mount):
     assert sorted(os.listdir(m / ".backups/fresh.json")) == ["1"]
 
 
+def test_backups_stay_under_their_byte_budget_through_the_mount(make_mount):
+    m = make_mount(start=False)
+    (m.backing / "fusestore.toml").write_text('[backups]\nkeep = 10\nmax_bytes = "200KiB"\n')
+    m.start()
+    for v in range(12):
+        for name in ("a.bin", "b.bin"):
+            (m / name).write_bytes(os.urandom(40_000) + bytes([v]))
+    on_disk = sum(p.stat().st_blocks * 512 for p in (m.state / "backups").rglob("%*"))
+    assert on_disk <= 200 << 10
+    assert len(os.listdir(m / ".backups/a.bin")) < 10  # the oldest went before rotation did
+    assert sorted(os.listdir(m / ".backups/b.bin"))[0] == "1"  # generation 1 of a live file stays
+    out = json.loads(fusestore("gc", str(m.mnt), "--json").stdout)
+    assert out["backup_bytes"] == on_disk and out["backups_over_budget"] == 0
+    status = m.status()
+    assert 0 < status["backup_bytes"] <= on_disk  # the generations' sizes, as status shows them
+
+
 def test_a_document_that_cannot_be_migrated_is_reported_and_left_unchanged(tmp_path):
     d = project_dir(tmp_path)
     stuck = {"version": "0.9", "topicId": "t", "segments": []}  # no title: invalid once migrated

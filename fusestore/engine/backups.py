@@ -106,22 +106,23 @@ class Backups:
                     break
                 dfd = self._dir(relpath)
                 try:
-                    self._unlink(dfd, name)
-                    deleted += 1
+                    deleted += self._unlink(dfd, name)
                 finally:
                     os.close(dfd)
             return deleted
         finally:
             self._trimming.release()
 
-    def _unlink(self, dfd: int, name: str) -> None:
+    def _unlink(self, dfd: int, name: str) -> bool:
+        """Delete one generation and take its bytes off the total; False if it was gone."""
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             os.unlink(name, dir_fd=dfd)
         except FileNotFoundError:
-            return
+            return False
         if st.st_nlink == 1:  # a hard link to a live file costs the backups nothing
             self._count(-_bytes(st))
+        return True
 
     def _dir(self, relpath: str, create: bool = False) -> int:
         return open_dir(self.fd, [escape(p) for p in components(relpath)], create=create, mode=0o700)
@@ -272,8 +273,7 @@ class Backups:
             dfd = self._dir(relpath)
             try:
                 for gen in doomed:
-                    self._unlink(dfd, gen.name)
-                    deleted += 1
+                    deleted += self._unlink(dfd, gen.name)
                 os.fsync(dfd)
             finally:
                 os.close(dfd)

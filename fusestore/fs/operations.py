@@ -284,8 +284,8 @@ class Filesystem(pyfuse3.Operations):
             return self._looked_up(pending, self._stat(pending))
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         node = self._known(parent, name, st)
-        if node.stage is not None:
-            st = self._stat(node)  # being written: the open version's size and times
+        if node.stage is not None:  # being written: the open version's size and times
+            st = self.files.stat(node, lambda st=st: st)
         return self._looked_up(node, st)
 
     async def forget(self, inode_list):
@@ -742,8 +742,8 @@ class Filesystem(pyfuse3.Operations):
                 try:
                     st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
                     child = self._known(node, name, st)
-                    if child.stage is not None:
-                        st = self._stat(child)  # being written: the open version's size and times
+                    if child.stage is not None:  # being written: the open version's size and times
+                        st = self.files.stat(child, lambda st=st: st)
                 except (OSError, pyfuse3.FUSEError):
                     continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, st), i + 1):
