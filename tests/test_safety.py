@@ -249,3 +249,17 @@ def test_symlinks_swapped_into_the_backing_tree_during_operations(mount, tmp_pat
     for p in (mount / "d").iterdir():
         json.loads(p.read_bytes())  # every file in d a complete document
     assert mount.status()["pid"]  # the daemon is still serving
+
+
+def test_a_link_replaced_behind_the_mount_by_a_directory_is_looked_up_afresh(mount):
+    # The kernel still holds `l` as a link when a program walks through it: the daemon answers
+    # ESTALE (not readlink's EINVAL), so the kernel looks the name up again and finds the
+    # directory, as on a plain directory. (A regression: the swap test above failed this way.)
+    (mount.backing / "t").mkdir()
+    os.symlink("t", mount.backing / "l")
+    assert os.path.islink(mount / "l")
+    os.unlink(mount.backing / "l")
+    (mount.backing / "l").mkdir()
+    (mount.backing / "l/x").write_text("1")
+    assert os.listdir(mount / "l") == ["x"]
+    assert not os.path.islink(mount / "l")

@@ -385,7 +385,14 @@ class Filesystem(pyfuse3.Operations):
     async def readlink(self, inode, ctx):
         node = self._node(inode)
         parent, name = node.location
-        return os.fsencode(os.readlink(name, dir_fd=parent.fd))
+        try:
+            return os.fsencode(os.readlink(name, dir_fd=parent.fd))
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # The kernel asks only for links, so the name was replaced behind the mount by
+            # something that is not one. ESTALE makes the kernel look the path up afresh.
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
 
     @_errors
     async def statfs(self, ctx):
