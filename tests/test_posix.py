@@ -271,15 +271,48 @@ def test_private_mappings_see_each_committed_version(mount):
         assert len(m) == 4096 and m[:4] == b"BBBB"
 
 
-def test_shared_maps_of_staged_files_are_refused(mount):
+def test_read_only_shared_maps_keep_their_version_while_the_file_is_rewritten(mount):
     import mmap
 
-    # The README's limit: the kernel keeps one size and page cache per inode, while a reader
-    # keeps its own version, so a shared map would see a later commit's size (SIGBUS past it)
-    # and share pages with maps of other versions. Direct files have shared maps.
+    # Python's mmap default (MAP_SHARED). A reader of a committed file that nobody writes reads
+    # through the page cache; a writer that comes then gets the name on a new kernel inode that
+    # shows the same inode number, and the map keeps the version it mapped, as the README's
+    # model promises for every read-only handle (no SIGBUS past a shorter new version).
+    p = mount / "s.bin"
+    p.write_bytes(b"A" * 8192)
+    ino = os.stat(p).st_ino
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        with open(p, "rb") as g, mmap.mmap(g.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) as m2:
+            assert m[:4] == m2[-4:] == b"AAAA"
+        p.write_bytes(b"B" * 100)  # O_TRUNC rewrite, shorter
+        assert p.read_bytes() == b"B" * 100
+        assert len(m) == 8192 and m[8000:8004] == b"AAAA" and m[:1] == b"A"
+        assert os.fstat(f.fileno()).st_size == 8192 and os.fstat(f.fileno()).st_ino == ino
+        with open(p, "rb") as h, mmap.mmap(h.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) as m3:
+            assert m3[:] == b"B" * 100
+        os.truncate(p, 10)  # truncate(2) of the path while the old version is mapped
+        assert p.read_bytes() == b"B" * 10
+        with open(p, "r+b") as w:  # an in-place writer
+            w.seek(0, os.SEEK_END)
+            w.write(b"C")
+        assert p.read_bytes() == b"B" * 10 + b"C" and m[:4] == b"AAAA"
+    assert os.stat(p).st_ino == ino
+    assert [e.inode() for e in os.scandir(mount.mnt) if e.name == "s.bin"] == [ino]
+
+
+def test_shared_maps_of_files_being_written_are_refused(mount):
+    import mmap
+
+    # The README's limit: while a file has an open version, its writers and the readers that
+    # come meanwhile share one kernel inode whose size is the open version's, so shared maps
+    # fail with ENODEV there. Private maps work; direct files (databases) have shared maps.
     (mount / "s.bin").write_bytes(b"A" * 8192)
-    with open(mount / "s.bin", "rb") as f:
-        assert errno_of(mmap.mmap, f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) == errno.ENODEV
+    with open(mount / "s.bin", "r+b") as w:
+        assert errno_of(mmap.mmap, w.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) == errno.ENODEV
+        with open(mount / "s.bin", "rb") as f:
+            assert errno_of(mmap.mmap, f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) == errno.ENODEV
+            with mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:
+                assert m[:4] == b"AAAA"
 
 
 def test_a_file_removed_while_written_is_a_temporary_file(mount):
@@ -337,3 +370,15 @@ def test_a_backup_generation_shows_when_it_was_superseded(mount):
     write_json(mount / "t.json", {"v": 2})
     gen = os.stat(mount / ".backups/t.json/1")
     assert before - 1 <= gen.st_mtime <= time.time() + 1
+
+
+def test_a_file_just_written_can_be_mapped_shared_at_once(mount):
+    import mmap
+
+    # No stat between the commit and the map: the commit dropped the kernel's attributes, so
+    # the reader's open gets the page cache, and the map sees the whole new version.
+    for size in (100, 9000, 50):
+        with open(mount / "n.bin", "wb") as f:
+            f.write(b"Q" * size)
+        with open(mount / "n.bin", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            assert m[:] == b"Q" * size

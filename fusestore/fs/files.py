@@ -86,7 +86,7 @@ class Files:
         self.inodes = inodes
         self.workers = workers
         self._invalidate_attrs = invalidate_attrs  # (ino) -> None, blocking: call in a worker
-        self._drop_other_names = drop_other_names  # async (stat of a replaced file, ino) -> None
+        self._drop_other_names = drop_other_names  # async (stat of the file a commit replaced, node)
         self._refilling = False
 
     # -- opening ---------------------------------------------------------------------------
@@ -118,10 +118,14 @@ class Files:
             info.direct_io = mode != "direct"
             info.keep_cache = False
         else:
-            # Direct I/O: the kernel keeps one size and one page cache per inode, while a
-            # reader that opened before a commit reads the version it opened, from its own fd.
+            # Direct I/O for the open version and whoever reads along with its writers: the
+            # kernel keeps one size and one page cache per inode, while a reader that opened
+            # before a commit reads the version it opened, from its own fd.
             info.direct_io = True
             if handle.holds:
+                if node.cached:
+                    self._supersede(node)
+                node.cache_key = None
                 # Joined before anything is awaited: a last release that is committing
                 # meanwhile then knows the file has a writer again.
                 truncate = flags & os.O_TRUNC and not (node.pending and not node.writers)
@@ -142,9 +146,43 @@ class Files:
             elif not node.pending:
                 parent, name = readable_location(node)
                 handle.fd = os.open(name, READ_FLAGS, dir_fd=parent.fd)
+                if not node.writers and node.stage is None and (node.parent is not None or node.cached):
+                    self._read_through_page_cache(node, handle, info)
                 node.readers.add(handle)
         node.handles += 1
         return handle, info
+
+    def _read_through_page_cache(self, node: Node, handle: Handle, info: pyfuse3.FileInfo) -> None:
+        """A read-only open of a committed file nobody writes reads through the kernel's page
+        cache, so it can be mapped shared (Python's mmap, numpy.memmap). The node's page cache
+        then holds that one version: when the name gets another (a writer opens it, a truncate,
+        a change behind the mount), `_supersede` leaves this node to its readers."""
+        st = os.fstat(handle.fd)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if node.cached and key != node.cache_key:
+            os.close(handle.fd)
+            self._supersede(node)
+        if node.told is not None and (st.st_size, st.st_mtime_ns) != node.told:
+            # The kernel holds another version's size for the node (a rename is under way, or
+            # a change was made behind the mount), which would cut page cache reads short; it
+            # asks again only for attributes we invalidated (`told` None).
+            return
+        info.direct_io = False
+        info.keep_cache = key == node.cache_key  # the pages the kernel kept are of this version
+        node.cache_key = key
+        node.cached.add(handle)
+
+    def _supersede(self, node: Node) -> None:
+        """The name of `node`, whose version readers hold in the page cache (maybe mapped), is
+        to get another version: a new node takes the name, showing the same inode number, and
+        this one stays with its readers, as if the file had been replaced by rename. ESTALE
+        makes the kernel look the name up again and retry the open or truncate on the new node."""
+        if node.parent is not None:
+            parent, name = node.location
+            self.inodes.succeed(node)
+            # Queued: the kernel may hold the directory's lock for the request that got here.
+            pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
+        raise pyfuse3.FUSEError(errno.ESTALE)
 
     # -- the open version ------------------------------------------------------------------
 
@@ -200,6 +238,7 @@ class Files:
                 # Dropping the cached attributes before the reply bumps their version, so the
                 # kernel leaves the size alone.
                 await self.workers.run(self._invalidate_attrs, node.ino)
+                node.told = None
             return data
         async with node.commit_lock():
             if node.stage is not None:
@@ -254,6 +293,8 @@ class Files:
             finally:
                 os.close(fd)
             return
+        if node.cached and handle is None:
+            self._supersede(node)  # truncate(2) of a path: retried on the name's new node
         async with node.commit_lock():
             if node.stage is None and size == 0:
                 node.stage = self.new_stage(node.relpath())
@@ -300,6 +341,7 @@ class Files:
         if handle.fd is not None:
             os.close(handle.fd)
         node.readers.discard(handle)
+        node.cached.discard(handle)
         try:
             if handle in node.writers:
                 node.writers.discard(handle)
@@ -351,6 +393,7 @@ class Files:
             # getattr meanwhile could fstat it; it closes here, on the trio thread.
             node.stage = None
             os.close(stage.fd)
+            node.told = None  # the commit dropped the kernel's cached attributes
             node.commits += 1
             node.backed_up = True
             node.refusal_recorded = False
@@ -358,7 +401,7 @@ class Files:
                 writer.wrote = False
             self.inodes.committed(node)
             if replaced is not None:  # the name has a new inode; the file it left has one name fewer
-                await self._drop_other_names(replaced, node.ino)
+                await self._drop_other_names(replaced, node)
 
     def _commit_in_worker(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, backup: bool,
                           kill_setid: bool) -> os.stat_result | None:

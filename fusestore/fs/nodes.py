@@ -1,13 +1,15 @@
-"""The inode table: fusestore's own inode numbers, one per name, independent of the backing st_ino.
+"""The inode table: fusestore's own nodes (kernel inodes), one per name, independent of the
+backing st_ino.
 
 A commit renames a staged file over its target, which gives the path a new backing inode; the
-FUSE inode number must not change with it, so nodes are ours and are found by (parent node,
-name). Hard links get one node per name: a FUSE open carries no name, and a commit must replace
-the file under the name it was written through while the other names keep the old content. The
-price is that hard links show different inode numbers through the mount (st_nlink is still the
-backing file's). Lookup counts follow the kernel exactly: every entry handed to the kernel adds
-one, `forget` takes them away, and a node is freed only when the kernel has forgotten it, no
-handle is open on it and (for a directory) no known child refers to it.
+FUSE inode must not change with it, so nodes are ours and are found by (parent node, name). Hard
+links get one node per name: a FUSE open carries no name, and a commit must replace the file
+under the name it was written through while the other names keep the old content. A node's id
+and the inode number it shows (`shown`) are apart: a name whose node is replaced (`Files.
+_supersede`) keeps its number, and every name of one backing file shows one number (`HardLinks`).
+Lookup counts follow the kernel exactly: every entry handed to the kernel adds one, `forget` takes
+them away, and a node is freed only when the kernel has forgotten it, no handle is open on it and
+(for a directory) no known child refers to it.
 
 Directories hold an O_RDONLY directory fd: every operation below them is an `*at()` call on that
 fd with O_NOFOLLOW, so renames in the backing tree cannot make us follow a path string into the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import Iterator
 
 import trio
@@ -31,7 +34,7 @@ class Node:
     __slots__ = (
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
         "stage", "writers", "readers", "lock", "pending", "former", "kill_setid", "backed_up",
-        "refusal_recorded", "commits",
+        "refusal_recorded", "commits", "shown", "cached", "cache_key", "told", "heir",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -55,6 +58,13 @@ class Node:
         self.backed_up = False  # this session of writers kept its backup generation already
         self.refusal_recorded = False  # the open version's content was refused and recorded
         self.commits = 0  # commits through this node: which version a read-only handle reads
+        # The inode number stat(2) shows. A name keeps it when its node is replaced by a new one
+        # (see Files.open: each version read through the page cache is its own kernel inode).
+        self.shown = ino
+        self.cached: set = set()  # read-only handles served from the kernel's page cache
+        self.cache_key: tuple | None = None  # the version they read: (st_ino, size, mtime, ctime)
+        self.told: tuple | None = None  # the (size, mtime) last given to the kernel
+        self.heir: Node | None = None  # the node that took the name from this one (Files._supersede)
 
     @property
     def location(self) -> tuple["Node", bytes]:
@@ -120,8 +130,10 @@ class InodeTable:
         self.by_name: dict[tuple[int, bytes], Node] = {}
         self.virtual: dict[tuple, VirtualNode] = {}
         self.pending: dict[int, dict[bytes, Node]] = {}  # directory inode -> new files in it
+        self.links = HardLinks(self)
 
     def _ino(self) -> int:
+        """A number never used before, as a node id or as a number a node shows."""
         ino = self._next
         self._next += 1
         return ino
@@ -202,6 +214,8 @@ class InodeTable:
             return
         node.lookups -= count
         self.maybe_free(node)
+        if ino not in self.by_ino:
+            self.links.forget(ino)
 
     def maybe_free(self, node: Node | VirtualNode) -> None:
         if node.ino == ROOT_INODE or node.lookups > 0 or node.handles > 0:
@@ -217,8 +231,89 @@ class InodeTable:
             os.close(node.fd)
             node.fd = None
         self.unplace(node)
+        heir, node.heir = node.heir, None
+        if heir is not None:
+            heir.lookups -= 1
+            self.maybe_free(heir)
+
+    def succeed(self, node: Node) -> Node:
+        """A new node for `node`'s name, showing its number; `node` keeps its readers and no
+        name. The heir is held while `node` lives: the kernel, finding another node under the
+        name, forgets the one it looked up before it looks the name up again, and a node made
+        anew then would show another number."""
+        parent, name = node.location
+        heir = self.add(False, None, parent, name)
+        heir.shown = node.shown
+        heir.lookups += 1
+        node.heir = heir
+        return heir
 
     def nodes(self) -> Iterator[Node]:
         for node in list(self.by_ino.values()):
             if isinstance(node, Node):
                 yield node
+
+
+class HardLinks:
+    """The names known to the kernel of backing files with several hard links, by the backing
+    file's (st_dev, st_ino), and the one inode number all of them show (git's local clone, tar,
+    rsync -H and du tell hard links by it). Each name is its own node all the same, so the
+    kernel caches each name's attributes apart: a change made through one name (chmod, link,
+    unlink, a commit) must drop the others' (`others`). A commit through one name gives that
+    name a file of its own: it then shows a number of its own (`broken`)."""
+
+    def __init__(self, table: InodeTable):
+        self._table = table
+        self._names: dict[tuple[int, int], set[int]] = {}
+        self._key: dict[int, tuple[int, int]] = {}
+        self._number: dict[tuple[int, int], int] = {}
+
+    def seen(self, node: Node, st: os.stat_result) -> None:
+        """`node`'s name was stat'ed as `st`: keep track of it if the file has other links."""
+        if st.st_nlink < 2 or node.is_dir:
+            return
+        key = (st.st_dev, st.st_ino)
+        if self._key.get(node.ino, key) != key:
+            self.forget(node.ino)
+        self._key[node.ino] = key
+        self._names.setdefault(key, set()).add(node.ino)
+        node.shown = self._number.setdefault(key, node.shown)
+
+    def linking(self, node: Node, st: os.stat_result) -> None:
+        """A new name for `node`'s file (stat `st`) is being made: it shows node's number."""
+        self._number.setdefault((st.st_dev, st.st_ino), node.shown)
+
+    def others(self, st: os.stat_result | None, but: int | None = None) -> list[int]:
+        """The nodes known to the kernel for the other names of the file `st` describes."""
+        if st is None or stat.S_ISDIR(st.st_mode):  # symlinks and fifos can have hard links too
+            return []
+        key = (st.st_dev, st.st_ino)
+        inos = self._names.get(key)
+        if not inos:
+            return []
+        inos &= {ino for ino in inos if isinstance(self._table.get(ino), Node)}
+        if not inos:
+            self._drop(key)
+            return []
+        return [ino for ino in inos if ino != but]
+
+    def broken(self, node: Node, st: os.stat_result) -> None:
+        """A commit gave `node`'s name a new file; `st` is the file it had, which keeps its
+        other names and their number."""
+        key = (st.st_dev, st.st_ino)
+        if self._key.get(node.ino) == key:
+            self.forget(node.ino)
+        if self._number.get(key) == node.shown:
+            node.shown = self._table._ino()
+
+    def forget(self, ino: int) -> None:
+        key = self._key.pop(ino, None)
+        names = self._names.get(key)
+        if names is not None:
+            names.discard(ino)
+            if not names:
+                self._drop(key)
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        self._names.pop(key, None)
+        self._number.pop(key, None)

@@ -97,11 +97,7 @@ class Filesystem(pyfuse3.Operations):
         self.files = Files(store, self.inodes, self.workers, self._invalidate_attrs, self._drop_names_of)
         self.backups_view = BackupsView(store.backups)
         self.cache_view = CacheView(cache, store, self.workers)
-        # Our inodes of files with several hard links, by backing (st_dev, st_ino). Each name is
-        # its own inode here, so the kernel caches each name's attributes apart: a change made
-        # through one name (chmod, link, unlink, a commit) drops the others' cached attributes.
-        self._linked: dict[tuple[int, int], set[int]] = {}
-        self._linked_key: dict[int, tuple[int, int]] = {}
+        self.links = self.inodes.links
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -148,32 +144,25 @@ class Filesystem(pyfuse3.Operations):
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and isinstance(node, Node):
-            key = self._linked_key[ino] = (st.st_dev, st.st_ino)
-            self._linked.setdefault(key, set()).add(ino)
+        if isinstance(node, Node):
+            self.links.seen(node, st)
+            e.attr_ino = node.shown
+            node.told = (st.st_size, st.st_mtime_ns)
         return e
 
-    def _other_names(self, st, but: int | None = None) -> list[int]:
-        """Our inodes known to the kernel for other hard links of the file `st` describes."""
-        if st is None or stat.S_ISDIR(st.st_mode):  # symlinks and fifos can have hard links too
-            return []
-        key = (st.st_dev, st.st_ino)
-        inos = self._linked.get(key)
-        if not inos:
-            return []
-        inos &= {ino for ino in inos if isinstance(self.inodes.get(ino), Node)}
-        if not inos:
-            del self._linked[key]
-            return []
-        return [ino for ino in inos if ino != but]
-
-    async def _drop_names_of(self, st, ino: int) -> None:
-        """A file with other hard links lost the name `ino` (a commit replaced it)."""
-        await self._drop_cached_attrs(self._other_names(st, ino))
+    async def _drop_names_of(self, st, node: Node) -> None:
+        """A commit gave `node`'s name a new file; `st` is the file it had, which has other
+        hard links: they keep it, and their cached attributes go (the link count changed)."""
+        self.links.broken(node, st)
+        await self._drop_cached_attrs(self.links.others(st, node.ino))
 
     async def _drop_cached_attrs(self, inos: list[int]) -> None:
         if inos:
             await self.workers.run(self._invalidate_each, inos)
+            for ino in inos:
+                node = self.inodes.get(ino)
+                if isinstance(node, Node):
+                    node.told = None
 
     @classmethod
     def _invalidate_each(cls, inos: list[int]) -> None:
@@ -190,8 +179,10 @@ class Filesystem(pyfuse3.Operations):
         return self._committed_stat(node)
 
     def _committed_stat(self, node: Node):
-        if node.parent is None:
-            for reader in node.readers:  # fstat of an open file whose name was replaced
+        if node.parent is None or node.cached:
+            # fstat of an open file whose name was replaced, or of the version the node's
+            # page cache holds.
+            for reader in node.cached or node.readers:
                 return os.fstat(reader.fd)
         parent, name = readable_location(node)
         return os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
@@ -294,12 +285,6 @@ class Filesystem(pyfuse3.Operations):
                 self.inodes.forget(ino, count)
             except Exception:
                 log.exception("forget of inode %d failed", ino)
-            if ino in self._linked_key and self.inodes.get(ino) is None:
-                key = self._linked_key.pop(ino)
-                names = self._linked.get(key, set())
-                names.discard(ino)
-                if not names:
-                    self._linked.pop(key, None)
 
     @_errors
     async def getattr(self, inode, ctx):
@@ -344,7 +329,7 @@ class Filesystem(pyfuse3.Operations):
             await self.workers.run(self._set_metadata, node, attr, fields)
         st = self._stat(node)
         if st.st_nlink > 1:
-            await self._drop_cached_attrs(self._other_names(st, inode))
+            await self._drop_cached_attrs(self.links.others(st, inode))
         return self._entry(inode, st)
 
     def _set_metadata(self, node: Node, attr, fields) -> None:
@@ -465,10 +450,11 @@ class Filesystem(pyfuse3.Operations):
         parent, name = node.location
         os.link(name, new_name, src_dir_fd=parent.fd, dst_dir_fd=new_parent.fd, follow_symlinks=False)
         st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+        self.links.linking(node, st)
         # The link count of every other name changed. Dropping cached attributes takes no inode
         # lock in the kernel, so it is safe while the kernel holds the source for this request,
         # and it lands before the reply, so a stat right after link(2) sees the new count.
-        await self._drop_cached_attrs(sorted({node.ino, *self._other_names(st)}))
+        await self._drop_cached_attrs(sorted({node.ino, *self.links.others(st)}))
         return self._looked_up(self._known(new_parent, new_name, st), st)
 
     def _writable_dir(self, ino: int) -> Node:
@@ -503,7 +489,7 @@ class Filesystem(pyfuse3.Operations):
         if node is not None:
             self.inodes.unplace(node)
         if st.st_nlink > 1:
-            await self._drop_cached_attrs(self._other_names(st, node.ino if node else None))
+            await self._drop_cached_attrs(self.links.others(st, node.ino if node else None))
 
     def _unlink_keeping_backup(self, dir_fd: int, name: bytes, relpath: str) -> None:
         self.store.keep_backup(dir_fd, name, relpath)
@@ -555,7 +541,7 @@ class Filesystem(pyfuse3.Operations):
         if dst is not None and flags & RENAME_EXCHANGE:
             self.inodes.place(dst, old_parent, name_old)
         elif dst_st is not None and dst_st.st_nlink > 1:  # the replaced file lost a name
-            await self._drop_cached_attrs(self._other_names(dst_st, dst.ino if dst else None))
+            await self._drop_cached_attrs(self.links.others(dst_st, dst.ino if dst else None))
 
     def _rename(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_st) -> None:
         # Content that may not stand under its new name is refused before anything moves.
