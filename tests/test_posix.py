@@ -382,3 +382,39 @@ def test_a_file_just_written_can_be_mapped_shared_at_once(mount):
             f.write(b"Q" * size)
         with open(mount / "n.bin", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             assert m[:] == b"Q" * size
+
+
+def test_access_and_exec_answer_as_on_a_plain_directory(mount, plain):
+    # A mount made by root without allow_other leaves mode checks to root's rules: the daemon
+    # answers access(2), and the kernel refuses to execute a file without an execute bit.
+    results = []
+    for root in (mount.mnt, plain):
+        (root / "d").mkdir(mode=0o500)
+        (root / "plain.txt").write_text("x")
+        (root / "ro.txt").write_text("x")
+        (root / "run.sh").write_text("#!/bin/sh\necho ran\n")
+        os.chmod(root / "ro.txt", 0o444)
+        os.chmod(root / "run.sh", 0o700)
+        answers = [os.access(root / n, m) for n in ("d", "plain.txt", "ro.txt", "run.sh", "missing")
+                   for m in (os.R_OK, os.W_OK, os.X_OK, os.F_OK)]
+        ran = subprocess.run([root / "run.sh"], capture_output=True, text=True).stdout
+        denied = errno_of(os.execv, str(root / "plain.txt"), ["plain.txt"])
+        results.append((answers, ran, denied))
+    assert results[0] == results[1]
+    assert results[0][1] == "ran\n" and results[0][2] == errno.EACCES
+
+
+def test_a_file_removed_behind_the_mount_and_written_at_once_is_created(mount):
+    # The kernel still holds the name (entry timeout) and opens the node the daemon knew: the
+    # daemon answers ESTALE, the kernel looks the name up again and creates the file. Before,
+    # the write went to a node without a name and was dropped although close() returned 0.
+    for i in range(5):
+        p = mount / f"gone{i}.json"
+        p.write_text('{"v": 1}')
+        assert p.stat().st_size == 8
+        os.unlink(mount.backing / p.name)
+        p.write_text('{"v": 2}')
+        assert (mount.backing / p.name).read_text() == '{"v": 2}'
+        with open(p, "r+") as f:  # and a writer without O_CREAT finds it
+            f.write('{"v": 3}')
+        assert (mount.backing / p.name).read_text() == '{"v": 3}'

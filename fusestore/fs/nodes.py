@@ -62,7 +62,7 @@ class Node:
         # (see Files.open: each version read through the page cache is its own kernel inode).
         self.shown = ino
         self.cached: set = set()  # read-only handles served from the kernel's page cache
-        self.cache_key: tuple | None = None  # the version they read: (st_ino, size, mtime, ctime)
+        self.cache_key: tuple | None = None  # the version they read (files.version_key)
         self.told: tuple | None = None  # the (size, mtime) last given to the kernel
         self.heir: Node | None = None  # the node that took the name from this one (Files._supersede)
 

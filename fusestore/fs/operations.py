@@ -26,7 +26,7 @@ from fusestore.engine.state import STATE_NAME
 from fusestore.engine.store import Rejected, Store
 from fusestore.fs.nodes import ROOT_INODE, InodeTable, Node, VirtualNode
 from fusestore.fs.cacheview import CacheReader, CacheView, CacheWriter
-from fusestore.fs.files import Files, Handle, readable_location
+from fusestore.fs.files import Files, Handle, readable_location, version_key
 from fusestore.fs.virtual import BACKUPS_NAME, CACHE_NAME, Attrs, BackupsView, GenerationReader
 from fusestore.fs.workers import Workers
 
@@ -212,6 +212,19 @@ class Filesystem(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EAGAIN)
         return self.inodes.add(is_dir, fd, parent, name)
 
+    def _named(self, parent: Node, name: bytes, st: os.stat_result) -> tuple[Node, os.stat_result]:
+        """The node of entry `name` (`st`: its stat by name) and the attributes to give the
+        kernel: the open version's while the file is being written. When readers hold another
+        version of the node in the page cache (the name changed behind the mount, or a rename
+        onto it is under way), the name gets a new node: the kernel must not take the name's
+        size for theirs."""
+        node = self._known(parent, name, st)
+        if node.stage is not None:
+            return node, self.files.stat(node, lambda: st)
+        if node.cached and version_key(st) != node.cache_key:
+            node = self.inodes.succeed(node)
+        return node, st
+
     @staticmethod
     def _same_dir(node: Node, st: os.stat_result) -> bool:
         own = os.fstat(node.fd)
@@ -274,10 +287,7 @@ class Filesystem(pyfuse3.Operations):
         if pending is not None:
             return self._looked_up(pending, self._stat(pending))
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        node = self._known(parent, name, st)
-        if node.stage is not None:  # being written: the open version's size and times
-            st = self.files.stat(node, lambda st=st: st)
-        return self._looked_up(node, st)
+        return self._looked_up(*self._named(parent, name, st))
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
@@ -389,9 +399,13 @@ class Filesystem(pyfuse3.Operations):
 
     @_errors
     async def access(self, inode, mode, ctx):
-        # The kernel checks permissions itself (default_permissions); existence is all we add.
-        if self._virtual(inode) is None:
-            self._stat(self._node(inode))
+        # Asked only without default_permissions, where the caller is root (see daemon.py):
+        # root may read and write anything, and execute what has an execute bit or is a
+        # directory, as access(2) answers on a plain directory.
+        vnode = self._virtual(inode)
+        st = await vnode.view.stat(vnode) if vnode is not None else self._stat(self._node(inode))
+        if mode & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
+            raise pyfuse3.FUSEError(errno.EACCES)
         return True
 
     # -- creating and removing names -------------------------------------------------------
@@ -733,10 +747,7 @@ class Filesystem(pyfuse3.Operations):
                 child, st = pending, self._stat(pending)
             else:
                 try:
-                    st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
-                    child = self._known(node, name, st)
-                    if child.stage is not None:  # being written: the open version's size and times
-                        st = self.files.stat(child, lambda st=st: st)
+                    child, st = self._named(node, name, st=os.stat(name, dir_fd=node.fd, follow_symlinks=False))
                 except (OSError, pyfuse3.FUSEError):
                     continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, st), i + 1):
