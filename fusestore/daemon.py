@@ -283,10 +283,15 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         return 1
     fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts,
                                    attr_timeout=attr_timeout, entry_timeout=entry_timeout), cache)
-    fuse_options = set(pyfuse3.default_options)
+    fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     fuse_options |= {f"fsname={backing}", "subtype=fusestore"}
     if "allow_other" in opts:
         fuse_options.add("allow_other")
+    elif os.geteuid() == 0:
+        # Only root can reach a mount root made without allow_other, and root passes every
+        # mode check but execute's, which the kernel makes anyway (and `access` below). The
+        # checks would cost a GETATTR of the directory before each create in it.
+        fuse_options.discard("default_permissions")
     if "ro" in opts:
         fuse_options.add("ro")
     try:
