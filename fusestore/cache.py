@@ -19,8 +19,16 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from fusestore import config as config_mod
-from fusestore.engine.cache import TYPES, Cache, CacheError, CacheStats, Entry, Slot, directory
+from fusestore.engine import config as config_mod
+from fusestore.engine.cache import (
+    TYPES,
+    Cache,
+    CacheError,
+    CacheStats,
+    Entry,
+    Slot,
+    directory,
+)
 from fusestore.engine.jskey import cache_key
 from fusestore.trees import find_tree
 

@@ -13,15 +13,25 @@ import time
 
 import msgspec
 
-from fusestore import config as config_mod
-from fusestore import control
+from fusestore import cache, control, projects
+from fusestore.engine import config as config_mod
+from fusestore.engine import maintenance, procs, schemas
+from fusestore.engine.cache import iso
+from fusestore.engine.errors import FusestoreError
+from fusestore.engine.jskey import cache_key
 from fusestore.engine.paths import one_line
-from fusestore.engine.state import STATE_NAME, Busy
+from fusestore.engine.state import STATE_NAME
 from fusestore.engine.store import Rejected, Store
-from fusestore.trees import TreeNotFound, TreeWriter, find_tree, fusestore_mounts, mount_of
+from fusestore.trees import (
+    TreeWriter,
+    find_tree,
+    fusestore_mounts,
+    mount_of,
+    tree_above,
+)
 
 
-class CommandError(Exception):
+class CommandError(FusestoreError):
     """A failure to report as one line on stderr."""
 
 
@@ -40,15 +50,11 @@ def locate(path: str) -> tuple[str, str, str | None]:
         if rel == "." or rel.startswith(".backups/") or rel.startswith(STATE_NAME):
             raise CommandError(f"{path} is not a file of the tree")
         return backing, rel, mountpoint
-    probe = parent
-    while True:
-        if os.path.isdir(os.path.join(probe, STATE_NAME)):
-            rel = os.path.relpath(full, probe)
-            served = [m for m, b in fusestore_mounts() if b == probe]
-            return probe, rel, served[0] if served else None
-        if probe == "/":
-            raise CommandError(f"{path} is not in a fusestore mount or backing tree")
-        probe = os.path.dirname(probe)
+    tree = tree_above(parent)
+    if tree is None:
+        raise CommandError(f"{path} is not in a fusestore mount or backing tree")
+    served = [m for m, b in fusestore_mounts() if b == tree]
+    return tree, os.path.relpath(full, tree), served[0] if served else None
 
 
 def find_mount(mountpoint: str | None, root: str | None) -> tuple[str, str]:
@@ -111,11 +117,7 @@ def cmd_mount(args) -> int:
 
 def process_alive(pid: int) -> bool:
     """True while `pid` runs; a zombie waiting for its parent to reap it counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+    return procs.start_time(pid) is not None
 
 
 def _wait_gone(pid: int, mountpoint: str, timeout: float = 60) -> bool:
@@ -163,8 +165,6 @@ def _when(ts: float) -> str:
 
 
 def cmd_status(args) -> int:
-    from fusestore import maintenance
-
     mountpoint, backing = find_mount(args.mountpoint, args.root)
     try:
         reply = control.ask(os.path.join(backing, STATE_NAME), "status", timeout=30)
@@ -223,10 +223,7 @@ def _generation_reports(store: Store, relpath: str) -> list[GenerationReport]:
 
 
 def _open_store(backing: str) -> Store:
-    try:
-        return Store(backing, config_mod.load(backing))
-    except config_mod.ConfigError as e:
-        raise CommandError(str(e)) from None
+    return Store(backing, config_mod.load(backing))
 
 
 def cmd_backups(args) -> int:
@@ -278,22 +275,7 @@ def _params(pairs: list[str]) -> dict[str, str]:
 
 
 def _open_cache(args):
-    from fusestore import cache
-    from fusestore.engine.cache import CacheError
-
-    try:
-        return cache.open(args.root)
-    except (TreeNotFound, config_mod.ConfigError, CacheError) as e:
-        raise CommandError(str(e)) from None
-
-
-def _cache_call(fn, *a, **kw):
-    from fusestore.engine.cache import CacheError
-
-    try:
-        return fn(*a, **kw)
-    except CacheError as e:
-        raise CommandError(str(e)) from None
+    return cache.open(args.root)
 
 
 def _print_json(value) -> None:
@@ -301,15 +283,13 @@ def _print_json(value) -> None:
 
 
 def cmd_cache_key(args) -> int:
-    from fusestore.engine.jskey import cache_key
-
     print(cache_key(args.url, _params(args.param)))
     return 0
 
 
 def cmd_cache_get(args) -> int:
     with _open_cache(args) as c:
-        entry = _cache_call(c.get, args.url, _params(args.param), args.type)
+        entry = c.get(args.url, _params(args.param), args.type)
         if entry is None:
             return 1
     _print_entry(entry, args.json)
@@ -327,17 +307,15 @@ def cmd_cache_put(args) -> int:
     if not os.path.isfile(args.file):
         raise CommandError(f"{args.file} is not a file")
     with _open_cache(args) as c:
-        entry = _cache_call(c.put, args.url, args.file, args.type, params=_params(args.param), tags=args.tag,
+        entry = c.put(args.url, args.file, args.type, params=_params(args.param), tags=args.tag,
                             file=args.name)
     _print_entry(entry, args.json)
     return 0
 
 
 def cmd_cache_ls(args) -> int:
-    from fusestore.engine.cache import iso
-
     with _open_cache(args) as c:
-        entries = list(_cache_call(c.entries, args.type))
+        entries = list(c.entries(args.type))
     if args.json:
         _print_json([e.to_json() for e in entries])
         return 0
@@ -363,7 +341,7 @@ def cmd_cache_stats(args) -> int:
 
 def cmd_cache_clear(args) -> int:
     with _open_cache(args) as c:
-        count = _cache_call(c.clear, args.type)
+        count = c.clear(args.type)
     print(f"removed {count} entr{'y' if count == 1 else 'ies'}")
     return 0
 
@@ -371,7 +349,7 @@ def cmd_cache_clear(args) -> int:
 def cmd_cache_acquire(args) -> int:
     with _open_cache(args) as c:
         while True:
-            slot = _cache_call(c.acquire, args.provider, args.limit, args.per)
+            slot = c.acquire(args.provider, args.limit, args.per)
             if slot.allowed or not args.wait:
                 break
             time.sleep(min(slot.wait, 60) + 0.01)
@@ -390,17 +368,10 @@ def _tree_arg(path: str) -> str:
 
 
 def _writer(backing: str):
-    try:
-        return TreeWriter(backing)
-    except Busy as e:
-        raise CommandError(str(e)) from None
-    except config_mod.ConfigError as e:
-        raise CommandError(str(e)) from None
+    return TreeWriter(backing)
 
 
 def cmd_gc(args) -> int:
-    from fusestore import maintenance
-
     store = _open_store(_tree_arg(args.backing))
     try:
         report = maintenance.gc(store)
@@ -429,8 +400,6 @@ def _progress(label: str):
 
 
 def cmd_check(args) -> int:
-    from fusestore import maintenance
-
     backing = _tree_arg(args.backing)
     served = any(os.path.realpath(b) == backing for _m, b in fusestore_mounts())
     writer = _writer(backing) if args.repair else None
@@ -458,8 +427,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_migrate(args) -> int:
-    from fusestore import maintenance
-
     backing = _tree_arg(args.backing)
     writer = None if args.dry_run else _writer(backing)
     store = writer.store if writer else _open_store(backing)
@@ -483,20 +450,13 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_new_project(args) -> int:
-    from fusestore import projects
-
     backing = _tree_arg(args.backing)
-    try:
-        project_id = projects.new_project(backing, name=args.name, parent=args.parent)
-    except Busy as e:
-        raise CommandError(str(e)) from None
+    project_id = projects.new_project(backing, name=args.name, parent=args.parent)
     print(project_id)
     return 0
 
 
 def cmd_schema_export(args) -> int:
-    from fusestore.engine import schemas
-
     for path in schemas.export(args.dir):
         print(path)
     return 0
@@ -615,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("fusestore").addHandler(logging.NullHandler())
     try:
         return args.func(args)
-    except CommandError as e:
+    except FusestoreError as e:
         name = args.command + (f" {args.cache_command}" if args.command == "cache" else "")
         name += f" {args.schema_command}" if args.command == "schema" else ""
         print(f"fusestore {name}: {e}", file=sys.stderr)

@@ -14,8 +14,8 @@ from typing import Literal
 import msgspec
 
 from fusestore.engine.cache import CacheStats
+from fusestore.engine.maintenance import Report
 from fusestore.engine.store import Rejection
-from fusestore.maintenance import Report
 
 
 class Request(msgspec.Struct, frozen=True):

@@ -20,19 +20,21 @@ import time
 import pyfuse3
 import trio
 
-from fusestore import config as config_mod
-from fusestore import control, maintenance
+from fusestore import control
 from fusestore.engine import cache as cache_mod
+from fusestore.engine import config as config_mod
+from fusestore.engine import maintenance
 from fusestore.engine.cache import Cache
+from fusestore.engine.errors import FusestoreError
 from fusestore.engine.paths import one_line
 from fusestore.engine.state import Busy
 from fusestore.engine.store import Store
 from fusestore.fs.operations import Filesystem, Options
 
-log = logging.getLogger("fusestore")
+log = logging.getLogger(__name__)
 
 
-class MountError(Exception):
+class MountError(FusestoreError):
     """The mount cannot start; the message says why."""
 
 
@@ -79,9 +81,16 @@ class _OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(store: Store, foreground: bool, debug: bool) -> None:
+def setup_logging(store: Store, foreground: bool, debug: str | None) -> None:
+    """Log to the state directory (and stderr in the foreground). Each module logs to its own
+    logger under "fusestore" (`fusestore.fs.files`, `fusestore.engine.store`, ...): `debug`
+    turns on debug logging for those named (a colon-separated list, `fs` for the whole layer),
+    or for all when empty."""
     root = logging.getLogger("fusestore")
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(logging.INFO)
+    if debug is not None:
+        for name in debug.split(":") if debug else [""]:
+            logging.getLogger(f"fusestore.{name}".rstrip(".")).setLevel(logging.DEBUG)
     fmt = _OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
     handler = logging.FileHandler(store.state.log_path)
     handler.setFormatter(fmt)
@@ -104,7 +113,7 @@ class Daemon:
 
     def status(self) -> control.Status:
         stats = self.store.stats
-        files, gens, size = _backup_figures(self.store.state.backups_fd)
+        files, gens, size = self.store.backups.figures()
         return control.Status(
             backing=self.store.backing, mountpoint=self.mountpoint, pid=os.getpid(), started=self.started,
             uptime_seconds=time.time() - self.started, open_staged_files=self.fs.files.open_versions(),
@@ -213,21 +222,6 @@ class Daemon:
                  report.projects, len(report.unrepaired))
 
 
-def _backup_figures(backups_fd: int) -> tuple[int, int, int]:
-    files = gens = size = 0
-    for dirpath, _dirs, names, dfd in os.fwalk(".", dir_fd=backups_fd):
-        generations = [n for n in names if n.startswith("%") and n[1:].isdigit()]
-        if generations:
-            files += 1
-            gens += len(generations)
-            for n in generations:
-                try:
-                    size += os.stat(n, dir_fd=dfd, follow_symlinks=False).st_size
-                except FileNotFoundError:
-                    pass
-    return files, gens, size
-
-
 def serve(backing: str, mountpoint: str, options: list[str], config_path: str | None,
           foreground: bool, ready_fd: int | None) -> int:
     """Mount and serve until unmounted. Reports readiness or the reason for failure on ready_fd."""
@@ -270,7 +264,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         store.close()
         report(f"error: {e.strerror or e}: {os.path.join(store.state.path, 'lock')}")
         return 1
-    setup_logging(store, foreground, "debug" in opts)
+    setup_logging(store, foreground, opts.get("debug"))
     # Modes arrive from the kernel with the caller's umask applied; ours must not mask again.
     os.umask(0)
     _raise_fd_limit()

@@ -8,59 +8,33 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import secrets
-import time
 
 import msgspec
 
-from fusestore import config as config_mod
-from fusestore.engine import schemas
-from fusestore.trees import TreeWriter, find_tree
-
-DEFAULT_PARENT = "public/projects"
-
-
-def new_project_id(now: float | None = None) -> str:
-    """`project-<epoch ms>-<8 hex>`, as spec 1.2's generateProjectId makes them."""
-    ms = int((time.time() if now is None else now) * 1000)
-    return f"project-{ms}-{secrets.token_hex(4)}"
+from fusestore.engine import config as config_mod
+from fusestore.engine import layout, schemas
+from fusestore.trees import TreeWriter, find_tree, mount_of
 
 
 def _document(data: dict) -> bytes:
     return json.dumps(data, indent=2, ensure_ascii=False).encode() + b"\n"
 
 
-def skeleton(project_id: str, name: str | None = None) -> dict[str, dict]:
-    """The documents of a new project, by path relative to the project directory."""
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    metadata = {"projectId": project_id, "createdAt": created, "version": schemas.CURRENT, "status": "initialized"}
-    if name:
-        metadata["name"] = name
-    empty = {"version": schemas.CURRENT, "topics": []}
-    return {
-        "metadata.json": metadata,
-        "topics/discovered.json": empty,
-        "topics/selected.json": empty,
-        "topics/refined.json": empty,
-    }
-
-
-def new_project(root: str, name: str | None = None, parent: str = DEFAULT_PARENT) -> str:
+def new_project(root: str, name: str | None = None, parent: str = layout.DEFAULT_PARENT) -> str:
     """Create a project under `parent` of the tree `root` (through its mount when served);
     returns its id."""
     backing = find_tree(root)
-    project_id = new_project_id()
+    project_id = layout.new_project_id()
     base = f"{parent.strip('/')}/{project_id}" if parent.strip("/") else project_id
     with TreeWriter(backing) as writer:
-        for sub in schemas.PROJECT_DIRS:
+        for sub in layout.DIRS:
             writer.makedirs(f"{base}/{sub}")
-        for log_name in schemas.PROJECT_LOGS:
+        for log_name in layout.LOGS:
             # Logs are appended through, not committed: an empty file is their start.
-            writer.touch(f"{base}/logs/{log_name}")
-        for rel, doc in skeleton(project_id, name).items():
+            writer.touch(f"{layout.logs_dir(base)}/{log_name}")
+        for rel, doc in layout.skeleton(project_id, name).items():
             writer.write(f"{base}/{rel}", _document(doc))
     return project_id
 
@@ -74,8 +48,6 @@ def load(path: str, doc_type: str | None = None, as_struct: bool = False):
     if doc_type is None:
         backing = find_tree(start=os.path.dirname(os.path.abspath(path)))
         relpath = os.path.relpath(os.path.realpath(path), backing)
-        from fusestore.trees import mount_of
-
         found = mount_of(os.path.dirname(os.path.abspath(path)))
         if found:
             relpath = os.path.relpath(os.path.abspath(path), found[0])

@@ -11,10 +11,15 @@ import errno
 import os
 import time
 
+from fusestore import control
+from fusestore.engine import config as config_mod
+from fusestore.engine.errors import FusestoreError
+from fusestore.engine.paths import components, open_dir
 from fusestore.engine.state import STATE_NAME
+from fusestore.engine.store import Rejected, Store
 
 
-class TreeNotFound(Exception):
+class TreeNotFound(FusestoreError):
     """No backing tree or mount at or above the given directory."""
 
 
@@ -83,13 +88,20 @@ def find_tree(root: str | None = None, start: str | None = None) -> str:
         if not os.path.isdir(start):
             raise TreeNotFound(f"{root} is not a directory")
         return start
-    probe = start
-    while True:
-        if os.path.isdir(os.path.join(probe, STATE_NAME)):
-            return probe
+    tree = tree_above(start)
+    if tree is None:
+        raise TreeNotFound(f"no fusestore tree at or above {start} (use --root)")
+    return tree
+
+
+def tree_above(path: str) -> str | None:
+    """The nearest directory at or above `path` (a real path) that holds a state directory."""
+    probe = path
+    while not os.path.isdir(os.path.join(probe, STATE_NAME)):
         if probe == "/":
-            raise TreeNotFound(f"no fusestore tree at or above {start} (use --root)")
+            return None
         probe = os.path.dirname(probe)
+    return probe
 
 
 class TreeWriter:
@@ -99,9 +111,6 @@ class TreeWriter:
     `Busy` when a daemon holds the lock without a mount this process can see."""
 
     def __init__(self, backing: str):
-        from fusestore import config as config_mod
-        from fusestore.engine.store import Store
-
         self.backing = os.path.realpath(backing)
         served = [(m, dev) for m, b, dev in _fusestore_mountinfo() if os.path.realpath(b) == self.backing]
         self.mountpoint = served[0][0] if served else None
@@ -141,15 +150,11 @@ class TreeWriter:
         return self.store.root_fd if self.mount_fd is None else self.mount_fd
 
     def makedirs(self, relpath: str) -> None:
-        from fusestore.engine.paths import components, open_dir
-
         os.close(open_dir(self._base_fd, components(relpath), create=True))
 
     def touch(self, relpath: str) -> None:
         """Create `relpath` empty if it does not exist (an append-through file such as a log;
         nothing to commit), leaving an existing one as it is."""
-        from fusestore.engine.paths import components, open_dir
-
         *parents, name = components(relpath)
         dir_fd = open_dir(self._base_fd, parents)
         try:
@@ -160,9 +165,6 @@ class TreeWriter:
     def write(self, relpath: str, data: bytes | int) -> None:
         """Commit `data` (bytes, or everything an open fd holds) as the new content of
         `relpath`; raises `Rejected` when its rule refuses it (nothing changes then)."""
-        from fusestore.engine.paths import components, open_dir
-        from fusestore.engine.store import Rejected
-
         if self.mount_fd is None:
             if isinstance(data, int):
                 stage = self.store.stage_copy(data, relpath)
@@ -212,8 +214,6 @@ class TreeWriter:
 
     def _reason(self, relpath: str) -> str:
         """The daemon's reason for refusing `relpath` (from its status), as far as it says."""
-        from fusestore import control
-
         try:
             status = control.ask(os.path.join(self.backing, STATE_NAME), "status", timeout=10).status
             for r in reversed(status.recent_rejections if status else []):

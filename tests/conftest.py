@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fusestore.cli import process_alive
+from fusestore.engine.procs import start_time
 
 FUSESTORE = [sys.executable, "-m", "fusestore"]
 
@@ -90,7 +90,7 @@ class Mount:
         force_unmount(self.mnt)
 
     def kill_leftovers(self) -> None:
-        if self.pid and process_alive(self.pid):
+        if self.pid and start_time(self.pid) is not None:
             os.kill(self.pid, signal.SIGKILL)
             _wait_pid_gone(self.pid)
         force_unmount(self.mnt)
@@ -104,7 +104,7 @@ class Mount:
 
 def _wait_pid_gone(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while process_alive(pid) and time.monotonic() < deadline:
+    while start_time(pid) is not None and time.monotonic() < deadline:
         try:
             # Reap it if it is our child; otherwise just wait for /proc to let go.
             os.waitpid(pid, os.WNOHANG)

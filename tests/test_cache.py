@@ -18,7 +18,7 @@ import pytest
 
 from conftest import report
 
-from fusestore.config import Cache as CacheConfig
+from fusestore.engine.config import Cache as CacheConfig
 from fusestore.engine.cache import Cache, CacheError
 from fusestore.engine.jskey import cache_key
 
@@ -306,7 +306,7 @@ def test_an_entry_written_behind_the_index_is_found(cache):
 WRITER = r"""
 import os, sys, random
 from fusestore.engine.cache import Cache, CacheError
-from fusestore.config import Cache as CacheConfig
+from fusestore.engine.config import Cache as CacheConfig
 root, seed, count, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
 with Cache(root, CacheConfig(max_size=limit)) as c:

@@ -60,6 +60,26 @@ def test_mount_refuses_a_bad_config_naming_the_key(tree):
     assert r.returncode != 0 and "backups.keep" in r.stderr
 
 
+@pytest.mark.parametrize("command", [["new-project"], ["check"], ["gc"], ["migrate"], ["cache", "ls"],
+                                     ["restore", "x.json"], ["backups", "x.json"]])
+def test_every_command_reports_a_bad_config_in_one_line(tree, command):
+    # One error hierarchy, caught once in cli.main: no command shows a traceback.
+    backing, _ = tree
+    (backing / ".fusestore").mkdir()  # a tree that was mounted once, so paths in it are found
+    (backing / "fusestore.toml").write_text("[backups]\nkeep = 0\n")
+    args = [*command]
+    if command[0] in ("restore", "backups"):
+        args[-1] = str(backing / args[-1])
+    elif command[0] == "cache":
+        args += ["--root", str(backing)]
+    else:
+        args.append(str(backing))
+    r = fusestore(*args, check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "backups.keep must be at least 1" in r.stderr
+
+
 def test_config_rules_turn_validation_and_backups(make_mount):
     m = make_mount(start=False)
     (m.backing / "fusestore.toml").write_text(

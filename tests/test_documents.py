@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import close_error, fusestore, wait_for, write_json
-from fusestore import config, projects
-from fusestore.engine import schemas
+from fusestore import projects
+from fusestore.engine import config
+from fusestore.engine import layout, schemas
 
 SCRIPT = {"version": "1.0", "topicId": "topic-1", "title": "Octopuses",
           "segments": [{"id": "s1", "text": "Nine brains.", "duration": 2.5}]}
@@ -22,7 +23,7 @@ SCRIPT = {"version": "1.0", "topicId": "topic-1", "title": "Octopuses",
 
 def project_dir(root: Path, name: str = "project-1700000000000-abcdef12") -> Path:
     d = root / "public/projects" / name
-    for sub in schemas.PROJECT_DIRS:
+    for sub in layout.DIRS:
         (d / sub).mkdir(parents=True, exist_ok=True)
     return d
 
@@ -205,7 +206,7 @@ def test_new_project_passes_check(make_mount, mounted):
     meta = json.loads((d / "metadata.json").read_text())
     assert meta == {"projectId": project_id, "createdAt": meta["createdAt"], "version": "1.0",
                     "status": "initialized", "name": "Octopus"}
-    for rel in (*schemas.REQUIRED_PROJECT_FILES, "logs/pipeline.log", "assets/music"):
+    for rel in (*layout.REQUIRED_FILES, "logs/pipeline.log", "assets/music"):
         assert (d / rel).exists(), rel
     result = fusestore("check", str(target), "--json")
     assert json.loads(result.stdout)["ok"] is True

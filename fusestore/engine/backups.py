@@ -21,7 +21,13 @@ from typing import Callable
 
 import msgspec
 
-from fusestore.engine.paths import RENAME_NOREPLACE, clone_or_copy, components, open_dir, renameat2
+from fusestore.engine.paths import (
+    RENAME_NOREPLACE,
+    clone_or_copy,
+    components,
+    open_dir,
+    renameat2,
+)
 
 
 class Generation(msgspec.Struct, frozen=True):
@@ -75,6 +81,22 @@ class Backups:
                                 pass
                 self._total = total
             return self._total
+
+    def figures(self) -> tuple[int, int, int]:
+        """Files with backups, their generations, and the generations' bytes (st_size), by a
+        walk of the backups (for `status`)."""
+        files = generations = size = 0
+        for _dirpath, _dirs, names, dfd in os.fwalk(".", dir_fd=self.fd):
+            found = [n for n in names if _is_generation(n)]
+            if found:
+                files += 1
+                generations += len(found)
+                for name in found:
+                    try:
+                        size += os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        pass
+        return files, generations, size
 
     def _count(self, delta: int) -> None:
         with self._lock:

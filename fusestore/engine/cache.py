@@ -44,12 +44,20 @@ from typing import Any, Callable, Iterator, Mapping
 
 import msgspec
 
-from fusestore.config import Cache as CacheConfig
+from fusestore.engine import procs
+from fusestore.engine.config import Cache as CacheConfig
+from fusestore.engine.errors import FusestoreError
 from fusestore.engine.jskey import cache_key
-from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE, clone_or_copy, renameat2
+from fusestore.engine.paths import (
+    DIR_FLAGS,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    clone_or_copy,
+    renameat2,
+)
 from fusestore.engine.state import STATE_NAME
 
-log = logging.getLogger("fusestore")
+log = logging.getLogger(__name__)
 
 TYPES = ("media", "tts")
 METADATA = "metadata.json"
@@ -84,7 +92,7 @@ CREATE TABLE IF NOT EXISTS intents(id INTEGER PRIMARY KEY,
 """
 
 
-class CacheError(Exception):
+class CacheError(FusestoreError):
     """A cache request that cannot be carried out; the message says why."""
 
 
@@ -191,14 +199,8 @@ def _check_file(name: str) -> str:
 
 def _process_token(pid: int) -> str | None:
     """pid and start time: names a process uniquely even after its pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
-    if fields[0] == b"Z":
-        return None
-    return f"{pid}:{int(fields[19])}"
+    started = procs.start_time(pid)
+    return None if started is None else f"{pid}:{started}"
 
 
 class Cache:

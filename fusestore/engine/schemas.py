@@ -1,5 +1,5 @@
-"""The versioned documents of the project layout (spec sections 1.1 and 5): their schemas, how
-paths bind to them, and the migrations that bring old versions to the current one.
+"""The versioned documents of the project layout (spec sections 1.1 and 5): their schemas and
+the migrations that bring old versions to the current one (where each lives: engine.layout).
 
 Every document carries `version` ("1.0"). A commit of a document bound to a schema is accepted
 when it is the current version and matches the schema, or when it is an older version that the
@@ -30,7 +30,8 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def _now() -> str:
+def now_iso() -> str:
+    """Now, as the documents write times: ISO 8601 in UTC with milliseconds and a Z."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -166,23 +167,6 @@ TYPES: dict[str, type[Doc]] = {
     "timeline": Timeline,
 }
 
-# Where the layout's documents live, as right-anchored globs (see config.Rule): the first that
-# matches binds. Projects are the directories named `project-*`, as spec 1.2 names them.
-BINDINGS: tuple[tuple[str, str], ...] = (
-    ("**/project-*/metadata.json", "project"),
-    ("**/project-*/topics/discovered.json", "discovered-topics"),
-    ("**/project-*/topics/selected.json", "selected-topics"),
-    ("**/project-*/topics/refined.json", "refined-topics"),
-    ("**/project-*/scripts/tags.json", "script-tags"),
-    ("**/project-*/scripts/*.json", "script"),
-    ("**/project-*/assets/audio/*.timestamps.json", "timestamps"),
-    ("**/project-*/assets/*/*.metadata.json", "asset"),
-    ("**/project-*/timeline.json", "timeline"),
-)
-
-REQUIRED_PROJECT_FILES = ("metadata.json", "topics/discovered.json", "topics/selected.json", "topics/refined.json")
-PROJECT_DIRS = ("topics", "scripts", "assets/images", "assets/videos", "assets/audio", "assets/music", "logs")
-PROJECT_LOGS = ("errors.log", "warnings.log", "pipeline.log")
 
 
 # -- migrations ---------------------------------------------------------------------------------
@@ -247,13 +231,13 @@ def _script_text_field(data: dict) -> dict:
 def _script_created_at(data: dict) -> dict:
     # Spec 5.1's example: metadata became an object of its own, `timestamp` became `createdAt`.
     data["metadata"] = data.get("metadata") or {}
-    data["createdAt"] = data.pop("timestamp", None) or data.get("createdAt") or _now()
+    data["createdAt"] = data.pop("timestamp", None) or data.get("createdAt") or now_iso()
     return data
 
 
 @MIGRATIONS.register("project", "0.9", "1.0")
 def _project_created_at(data: dict) -> dict:
-    data["createdAt"] = data.pop("timestamp", None) or data.get("createdAt") or _now()
+    data["createdAt"] = data.pop("timestamp", None) or data.get("createdAt") or now_iso()
     data.setdefault("status", "initialized")
     return data
 

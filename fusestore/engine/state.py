@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 
+from fusestore.engine.errors import FusestoreError
 from fusestore.engine.paths import DIR_FLAGS
 
 STATE_NAME = ".fusestore"
@@ -22,7 +23,7 @@ BACKUPS_NAME = ".backups"
 CACHE_NAME = ".cache"
 
 
-class Busy(Exception):
+class Busy(FusestoreError):
     """Another fusestore already serves this backing tree."""
 
 
@@ -70,23 +71,6 @@ class StateDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-
-    def locked_by_other(self) -> int | None:
-        """The pid serving this tree, or None when no daemon holds the lock."""
-        try:
-            fd = os.open("lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.fd)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
 
     def close(self) -> None:
         for fd in (self._lock_fd, self.staging_fd, self.backups_fd, self.quarantine_fd, self.fd):

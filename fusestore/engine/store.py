@@ -32,28 +32,26 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from fusestore import config as config_mod
-from fusestore.engine import validate
+from fusestore.engine import config as config_mod
+from fusestore.engine import layout, validate
 from fusestore.engine.backups import Backups
-from fusestore.engine.paths import DIR_FLAGS, RENAME_NOREPLACE, clone_or_copy, components, open_dir, renameat2
+from fusestore.engine.paths import (
+    DIR_FLAGS,
+    RENAME_NOREPLACE,
+    clone_or_copy,
+    components,
+    open_dir,
+    renameat2,
+)
 from fusestore.engine.state import StateDir
 
-log = logging.getLogger("fusestore")
+log = logging.getLogger(__name__)
 
 _PATH_SUFFIX = ".path"
 _POOL_PREFIX = "pool-"
 _POOL_SIZE = 16
 _POOL_MODE = 0o600
 _STAGE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-
-
-def project_of(relpath: str) -> str | None:
-    """The project directory (nearest `project-*` ancestor) that holds `relpath`, or None."""
-    parts = relpath.split("/")
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i].startswith("project-"):
-            return "/".join(parts[: i + 1])
-    return None
 
 
 class Rejected(Exception):
@@ -333,14 +331,14 @@ class Store:
         in a project (a `project-*` directory) that has a logs directory. One write() with
         O_APPEND, so a pipeline appending to the same file through the mount never sees its
         lines cut."""
-        project = project_of(relpath)
+        project = layout.project_of(relpath)
         if project is None:
             return
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "level": level,
                   "source": "fusestore", "event": event, "path": relpath[len(project) + 1:], **fields}
         line = msgspec.json.encode(record) + b"\n"
         try:
-            dfd = open_dir(self.root_fd, components(project + "/logs"))
+            dfd = open_dir(self.root_fd, components(layout.logs_dir(project)))
         except OSError:
             return
         try:

@@ -15,6 +15,8 @@ import re
 
 import msgspec
 
+from fusestore.engine import schemas
+
 _BYTE_AT = re.compile(r"\(byte (\d+)\)")
 # A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or a low one on its own.
 _LONE_SURROGATE = re.compile(
@@ -141,7 +143,5 @@ def check(kind: str, fd: int, schema: str | None = None) -> str | None:
 def _json_and_schema(data, schema: str | None) -> str | None:
     reason = json_error(data)
     if reason is None and schema is not None:
-        from fusestore.engine import schemas
-
         reason = schemas.check(schema, data)
     return reason

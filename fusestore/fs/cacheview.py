@@ -30,14 +30,14 @@ import uuid
 import pyfuse3
 
 from fusestore.engine.cache import INDEX_JSON, METADATA, RATE_LIMITS, TYPES, Cache
-from fusestore.engine.store import Store
 from fusestore.engine.paths import clone_or_copy
+from fusestore.engine.store import Store
 from fusestore.engine.validate import check
 from fusestore.fs.nodes import InodeTable, VirtualNode
 from fusestore.fs.virtual import Attrs
 from fusestore.fs.workers import Workers
 
-log = logging.getLogger("fusestore")
+log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"[0-9a-f]{32}")
 _DIR = stat.S_IFDIR | 0o755

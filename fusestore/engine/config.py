@@ -15,10 +15,14 @@ from typing import Literal
 
 import msgspec
 
+from fusestore.engine.errors import FusestoreError
+from fusestore.engine.layout import BINDINGS
+from fusestore.engine.schemas import TYPES
+
 CONFIG_NAME = "fusestore.toml"
 
 
-class ConfigError(Exception):
+class ConfigError(FusestoreError):
     """The configuration file cannot be used; the message names the file and the key."""
 
 
@@ -45,8 +49,6 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def __post_init__(self) -> None:
         if self.schema is not None:
-            from fusestore.engine.schemas import TYPES
-
             if self.schema not in TYPES:
                 raise ValueError(f"rule {self.glob!r}: unknown schema {self.schema!r} (known: {', '.join(TYPES)})")
             if self.validate != "json":
@@ -138,8 +140,6 @@ class Cache(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 def _schema_rules() -> tuple[Rule, ...]:
-    from fusestore.engine.schemas import BINDINGS
-
     return tuple(Rule(glob=glob, validate="json", schema=name) for glob, name in BINDINGS)
 
 

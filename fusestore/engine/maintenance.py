@@ -16,12 +16,13 @@ from typing import Callable, Iterator
 
 import msgspec
 
-from fusestore.engine import schemas
+from fusestore.engine import layout, schemas
 from fusestore.engine.cache import Cache, directory
+from fusestore.engine.layout import project_of
 from fusestore.engine.state import BACKUPS_NAME, CACHE_NAME, STATE_NAME
-from fusestore.engine.store import Rejected, Store, project_of
+from fusestore.engine.store import Rejected, Store
 
-log = logging.getLogger("fusestore")
+log = logging.getLogger(__name__)
 
 # Kinds of finding. Those in NEEDS_REPAIR keep `check` at exit status 1.
 INVALID = "invalid"            # a document that does not parse or fails its schema
@@ -106,7 +107,7 @@ def check(store: Store, served: bool, progress: Callable[[int], None] | None = N
         findings.append(Finding(SHADOWED, name, f"is in the backing tree, where the mount shows its own virtual "
                                 f"{name}: rename it in the backing tree to reach what it holds"))
     for project in sorted(projects):
-        for required in schemas.REQUIRED_PROJECT_FILES:
+        for required in layout.REQUIRED_FILES:
             relpath = f"{project}/{required}"
             try:
                 os.stat(relpath, dir_fd=store.root_fd, follow_symlinks=False)
@@ -132,9 +133,10 @@ def repair(report: Report, writer, store: Store) -> Report:
     for finding in report.findings:
         if finding.kind in (INVALID, MISSING):
             gen = _newest_valid(store, finding.path)
-            if gen is None and finding.kind == MISSING and finding.path.endswith(".json") and "/topics/" in finding.path:
+            project = project_of(finding.path)
+            if gen is None and finding.kind == MISSING and project and finding.path[len(project) + 1:] in layout.TOPICS:
                 # A stage the pipeline has not reached yet: the empty document a new project has.
-                gen = 0, json.dumps({"version": schemas.CURRENT, "topics": []}, indent=2).encode() + b"\n"
+                gen = 0, json.dumps(layout.empty_topics(), indent=2).encode() + b"\n"
             if gen is None:
                 result.append(Finding(finding.kind, finding.path, finding.detail + "; no valid backup to restore"))
                 continue
