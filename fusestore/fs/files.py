@@ -141,6 +141,7 @@ class Files:
                 if node.cached:
                     self._supersede(node)
                 node.cache_key = None
+                node.awaited = False
                 # Joined before anything is awaited: a last release that is committing
                 # meanwhile then knows the file has a writer again.
                 truncate = flags & os.O_TRUNC and not (node.pending and not node.writers)
@@ -177,9 +178,11 @@ class Files:
         a change behind the mount), `_supersede` leaves this node to its readers."""
         st = os.fstat(handle.fd)
         key = version_key(st)
-        if node.cached and key != node.cache_key:
-            os.close(handle.fd)
-            self._supersede(node)
+        if node.awaited or (node.cached and key != node.cache_key):
+            # A writer was sent to look this node up again, or other readers hold another
+            # version in its page cache (a rename onto the name is under way, or a change
+            # behind the mount): this reader reads its version through the daemon.
+            return
         if node.told is not None and (st.st_size, st.st_mtime_ns) != node.told:
             # The kernel holds another version's size for the node (a rename is under way, or
             # a change was made behind the mount), which would cut page cache reads short; it
@@ -197,7 +200,9 @@ class Files:
         makes the kernel look the name up again and retry the open or truncate on the new node."""
         if node.parent is not None:
             parent, name = node.location
-            self.inodes.succeed(node)
+            # Kept for the writer: a reader opening it first would take its page cache, and
+            # the writer, sent back a second time, would see ESTALE itself.
+            self.inodes.succeed(node).awaited = True
             # Queued: the kernel may hold the directory's lock for the request that got here.
             pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
         raise pyfuse3.FUSEError(errno.ESTALE)
@@ -250,9 +255,11 @@ class Files:
         node = handle.node
         if handle.fd is not None:
             data = os.pread(handle.fd, size, off)
-            if len(data) < size and not handle.direct and (node.stage is not None or handle.version != node.commits):
-                # The end of an older version than the file's: the kernel would take this short
-                # read for the file's size and cut its cached size, which writers then seek to.
+            if len(data) < size and not handle.direct and (node.stage is not None or handle.version != node.commits
+                                                          or (node.cached and handle not in node.cached)):
+                # The end of another version than the one the kernel holds the size of (an older
+                # one, or not the page cache's): the kernel would take this short read for the
+                # file's size and cut its cached size, which writers then seek to.
                 # Dropping the cached attributes before the reply bumps their version, so the
                 # kernel leaves the size alone.
                 await self.workers.run(self._invalidate_attrs, node.ino)

@@ -34,7 +34,7 @@ class Node:
     __slots__ = (
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
         "stage", "writers", "readers", "lock", "pending", "former", "kill_setid", "backed_up",
-        "refusal_recorded", "commits", "shown", "cached", "cache_key", "told", "heir",
+        "refusal_recorded", "commits", "shown", "cached", "cache_key", "told", "heir", "awaited",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -65,6 +65,7 @@ class Node:
         self.cache_key: tuple | None = None  # the version they read (files.version_key)
         self.told: tuple | None = None  # the (size, mtime) last given to the kernel
         self.heir: Node | None = None  # the node that took the name from this one (Files._supersede)
+        self.awaited = False  # made for a writer the kernel is to retry with: no page cache yet
 
     @property
     def location(self) -> tuple["Node", bytes]:

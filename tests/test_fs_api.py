@@ -1,0 +1,153 @@
+"""The FUSE layer's request handlers called directly (pytest-trio), without a kernel: the open
+version, commit points, refusal and the page-cache rules in milliseconds. What needs a kernel
+(its caches, its retries on ESTALE, several processes) is tested through real mounts elsewhere."""
+
+from __future__ import annotations
+
+import errno
+import os
+import types
+
+import pyfuse3
+import pytest
+
+from fusestore.engine import cache as cache_mod
+from fusestore.engine import config
+from fusestore.engine.store import Store
+from fusestore.fs.nodes import ROOT_INODE
+from fusestore.fs.operations import Filesystem, Options
+
+CTX = types.SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
+W, R, RW = os.O_WRONLY, os.O_RDONLY, os.O_RDWR
+
+
+@pytest.fixture
+def fs(tmp_path, monkeypatch):
+    # Without a kernel there is nobody to tell about cached attributes and names: record them.
+    told = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only=False: told.append(("inode", ino)))
+    monkeypatch.setattr(pyfuse3, "invalidate_entry_async",
+                        lambda parent, name, ignore_enoent=False: told.append(("entry", parent, name)))
+    store = Store(str(tmp_path), config.Config())
+    cache = cache_mod.Cache(cache_mod.directory(str(tmp_path), config.Config().cache), config.Config().cache)
+    f = Filesystem(store, Options(), cache)
+    f.told = told
+    f.backing = tmp_path
+    yield f
+    cache.close()
+    store.close()
+
+
+async def create(fs, name: bytes, flags=W):
+    info, entry = await fs.create(ROOT_INODE, name, 0o644, flags | os.O_CREAT, CTX)
+    return info.fh, entry.st_ino
+
+
+async def errno_of(coro) -> int | None:
+    try:
+        await coro
+    except pyfuse3.FUSEError as e:
+        return e.errno
+    return None
+
+
+async def test_a_new_file_exists_only_as_its_open_version_until_its_first_close(fs):
+    fh, ino = await create(fs, b"a.json")
+    assert await fs.write(fh, 0, b'{"a": 1}') == 8
+    assert not (fs.backing / "a.json").exists()
+    assert (await fs.getattr(ino, CTX)).st_size == 8
+    await fs.flush(fh)
+    assert (fs.backing / "a.json").read_bytes() == b'{"a": 1}'
+    assert ("inode", ino) in fs.told  # the kernel's cached size of the file is dropped
+    await fs.release(fh)
+
+
+async def test_writers_share_one_open_version_and_a_refused_close_keeps_it(fs):
+    fh, ino = await create(fs, b"d.json")
+    await fs.write(fh, 0, b'{"x": 1}')
+    await fs.flush(fh)
+    one = (await fs.open(ino, W | os.O_TRUNC, CTX)).fh
+    two = (await fs.open(ino, RW, CTX)).fh
+    await fs.write(one, 0, b'{"y": ')
+    assert await fs.read(two, 0, 100) == b'{"y": '  # the other writer reads the open version
+    assert await errno_of(fs.flush(one)) == errno.EBADMSG  # a writer still holds it: kept open
+    await fs.write(two, 6, b"2}")
+    await fs.flush(two)
+    assert (fs.backing / "d.json").read_bytes() == b'{"y": 2}'
+    for fh_ in (fh, one, two):
+        await fs.release(fh_)
+    assert fs.store.stats.rejections == 1
+
+
+async def test_a_reader_keeps_its_version_and_reads_through_the_page_cache(fs):
+    fh, ino = await create(fs, b"v.txt")
+    await fs.write(fh, 0, b"old content")
+    await fs.flush(fh)
+    await fs.release(fh)
+    await fs.getattr(ino, CTX)  # what the kernel was told
+    reader = await fs.open(ino, R, CTX)
+    assert not reader.direct_io  # nobody writes it: page cache, shared maps
+    # A writer now gets ESTALE and the name a new node showing the same number; the kernel
+    # then looks the name up again and opens that node.
+    assert await errno_of(fs.open(ino, W | os.O_TRUNC, CTX)) == errno.ESTALE
+    heir = await fs.lookup(ROOT_INODE, b"v.txt", CTX)
+    assert heir.st_ino != ino and heir.attr_ino == (await fs.getattr(ino, CTX)).attr_ino
+    w = (await fs.open(heir.st_ino, W | os.O_TRUNC, CTX)).fh
+    await fs.write(w, 0, b"new")
+    await fs.flush(w)
+    assert await fs.read(reader.fh, 0, 100) == b"old content"
+    assert (await fs.getattr(ino, CTX)).st_size == 11  # the reader's node keeps its version
+    await fs.release(w)
+    await fs.release(reader.fh)
+
+
+async def test_a_reader_of_another_version_than_the_page_cache_reads_through_the_daemon(fs):
+    fh, ino = await create(fs, b"r.txt")
+    await fs.write(fh, 0, b"first")
+    await fs.release(fh)
+    await fs.getattr(ino, CTX)
+    cached = await fs.open(ino, R, CTX)
+    assert not cached.direct_io
+    # The name changes behind the mount: a reader now gets that version without the page
+    # cache (never ESTALE: the kernel retries only once, a busy tree could fail it twice),
+    # and the size given for the node stays the page cache's.
+    (fs.backing / "r.tmp").write_bytes(b"second, longer")
+    os.replace(fs.backing / "r.tmp", fs.backing / "r.txt")
+    other = await fs.open(ino, R, CTX)
+    assert other.direct_io
+    assert await fs.read(other.fh, 0, 100) == b"second, longer"
+    assert await fs.read(cached.fh, 0, 100) == b"first"
+    assert (await fs.getattr(ino, CTX)).st_size == 5
+    # A lookup gives the name a new node for the new version.
+    assert (await fs.lookup(ROOT_INODE, b"r.txt", CTX)).st_ino != ino
+    await fs.release(other.fh)
+    await fs.release(cached.fh)
+
+
+async def test_a_write_open_of_a_node_whose_name_went_answers_estale(fs):
+    fh, ino = await create(fs, b"gone.txt")
+    await fs.write(fh, 0, b"x")
+    await fs.release(fh)
+    await fs.unlink(ROOT_INODE, b"gone.txt", CTX)
+    assert await errno_of(fs.open(ino, W, CTX)) == errno.ESTALE
+
+
+async def test_hard_links_show_one_number_until_a_commit_parts_them(fs):
+    fh, ino = await create(fs, b"a.txt")
+    await fs.write(fh, 0, b"old")
+    await fs.release(fh)
+    linked = await fs.link(ino, ROOT_INODE, b"b.txt", CTX)
+    assert linked.st_ino != ino and linked.attr_ino == (await fs.getattr(ino, CTX)).attr_ino
+    w = (await fs.open(ino, W | os.O_TRUNC, CTX)).fh
+    await fs.write(w, 0, b"new")
+    await fs.release(w)
+    assert (await fs.getattr(ino, CTX)).attr_ino != (await fs.getattr(linked.st_ino, CTX)).attr_ino
+    assert (fs.backing / "b.txt").read_bytes() == b"old"
+
+
+async def test_access_refuses_execute_without_an_execute_bit(fs):
+    fh, ino = await create(fs, b"s.sh")
+    await fs.release(fh)
+    assert await fs.access(ino, os.R_OK | os.W_OK, CTX)
+    assert await errno_of(fs.access(ino, os.X_OK, CTX)) == errno.EACCES
+    assert await fs.access(ROOT_INODE, os.X_OK, CTX)
