@@ -30,6 +30,7 @@ from fusestore.engine.paths import one_line
 from fusestore.engine.state import Busy
 from fusestore.engine.store import Store
 from fusestore.fs.operations import Filesystem, Options
+from fusestore.trees import mount_device
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ class Daemon:
         """The integrity check of `fusestore check`, once, after the mount is up: its findings go
         to the log and to status. It never stops the mount."""
         try:
+            await self.fs.workers.run(_widen_readahead, self.mountpoint)
             report = await self.fs.workers.run(maintenance.check, self.store, True)
             # Count what backups take now, so that the first commit need not (their budget).
             await self.fs.workers.run(self.store.backups.usage)
@@ -220,6 +222,27 @@ class Daemon:
             (log.warning if f.kind in maintenance.NEEDS_REPAIR else log.info)("check: %s %s: %s", f.kind, f.path, f.detail)
         log.info("check: %d document(s) in %d project(s), %d problem(s) to repair", report.checked_files,
                  report.projects, len(report.unrepaired))
+
+
+# Readers of committed files go through the page cache, which the kernel fills by readahead:
+# at its default of 128 KiB a cold sequential read through the mount ran at 0.55x of the
+# backing disk, at 1 MiB (the largest request) at 0.82x. Root only (sysfs), and only once the
+# kernel has our INIT reply, which caps it at 128 KiB.
+READAHEAD_KB = 1024
+
+
+def _widen_readahead(mountpoint: str) -> None:
+    """Blocking: call from a worker thread while the mount is served."""
+    os.stat(mountpoint)  # answered by the daemon, so INIT is through
+    device = mount_device(mountpoint)
+    if device is None:
+        return
+    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READAHEAD_KB))
+    except OSError as e:
+        log.debug("readahead left at the kernel's default (%s: %s)", path, e.strerror)
 
 
 def serve(backing: str, mountpoint: str, options: list[str], config_path: str | None,

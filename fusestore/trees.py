@@ -49,6 +49,14 @@ def _fusestore_mountinfo() -> list[tuple[str, str, int]]:
     return result
 
 
+def mount_device(mountpoint: str) -> int | None:
+    """The device number of the fusestore mount at `mountpoint` (from /proc, and without a
+    stat of the mountpoint, which the mount itself would have to answer)."""
+    absolute = os.path.abspath(mountpoint)
+    real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    return next((dev for m, _, dev in _fusestore_mountinfo() if m == real), None)
+
+
 def fusestore_mounts() -> list[tuple[str, str]]:
     """(mountpoint, backing) of every fusestore mount on this machine."""
     return [(mountpoint, backing) for mountpoint, backing, _ in _fusestore_mountinfo()]
