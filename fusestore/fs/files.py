@@ -255,11 +255,12 @@ class Files:
         node = handle.node
         if handle.fd is not None:
             data = os.pread(handle.fd, size, off)
-            if len(data) < size and not handle.direct and (node.stage is not None or handle.version != node.commits
-                                                          or (node.cached and handle not in node.cached)):
-                # The end of another version than the one the kernel holds the size of (an older
-                # one, or not the page cache's): the kernel would take this short read for the
-                # file's size and cut its cached size, which writers then seek to.
+            if len(data) < size and not handle.direct and handle not in node.cached:
+                # A reader served through the daemon may read another version than the one the
+                # kernel holds the size of (an older one, or not the page cache's, or one that a
+                # rename brought under the name meanwhile): the kernel would take this short
+                # read for the file's size and cut its cached size, which writers then seek to
+                # and readers of the page cache stop at.
                 # Dropping the cached attributes before the reply bumps their version, so the
                 # kernel leaves the size alone.
                 await self.workers.run(self._invalidate_attrs, node.ino)
