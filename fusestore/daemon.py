@@ -39,7 +39,7 @@ class MountError(FusestoreError):
     """The mount cannot start; the message says why."""
 
 
-KNOWN_OPTIONS = {"xattr", "show_virtual", "allow_other", "ro", "attr_timeout", "entry_timeout", "debug"}
+KNOWN_OPTIONS = {"xattr", "show_virtual", "allow_other", "ro", "attr_timeout", "entry_timeout", "debug", "page_cache"}
 
 
 def parse_options(values: list[str]) -> dict[str, str]:
@@ -298,7 +298,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         report(f"error: cannot open the cache {cache_mod.directory(backing, config.cache)}: {getattr(e, 'strerror', None) or e}")
         store.close()
         return 1
-    fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts,
+    fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts, page_cache="page_cache" in opts,
                                    attr_timeout=attr_timeout, entry_timeout=entry_timeout), cache)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     fuse_options |= {f"fsname={backing}", "subtype=fusestore"}

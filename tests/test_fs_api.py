@@ -30,7 +30,7 @@ def fs(tmp_path, monkeypatch):
                         lambda parent, name, ignore_enoent=False: told.append(("entry", parent, name)))
     store = Store(str(tmp_path), config.Config())
     cache = cache_mod.Cache(cache_mod.directory(str(tmp_path), config.Config().cache), config.Config().cache)
-    f = Filesystem(store, Options(), cache)
+    f = Filesystem(store, Options(page_cache=True), cache)
     f.told = told
     f.backing = tmp_path
     yield f

@@ -271,9 +271,10 @@ def test_private_mappings_see_each_committed_version(mount):
         assert len(m) == 4096 and m[:4] == b"BBBB"
 
 
-def test_read_only_shared_maps_keep_their_version_while_the_file_is_rewritten(mount):
+def test_read_only_shared_maps_keep_their_version_while_the_file_is_rewritten(make_mount):
     import mmap
 
+    mount = make_mount(["page_cache"])
     # Python's mmap default (MAP_SHARED). A reader of a committed file that nobody writes reads
     # through the page cache; a writer that comes then gets the name on a new kernel inode that
     # shows the same inode number, and the map keeps the version it mapped, as the README's
@@ -306,6 +307,9 @@ def test_shared_maps_of_files_being_written_are_refused(mount):
     # The README's limit: while a file has an open version, its writers and the readers that
     # come meanwhile share one kernel inode whose size is the open version's, so shared maps
     # fail with ENODEV there. Private maps work; direct files (databases) have shared maps.
+    (mount / "c.bin").write_bytes(b"C" * 100)
+    with open(mount / "c.bin", "rb") as f:  # a committed file, without -o page_cache
+        assert errno_of(mmap.mmap, f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) == errno.ENODEV
     (mount / "s.bin").write_bytes(b"A" * 8192)
     with open(mount / "s.bin", "r+b") as w:
         assert errno_of(mmap.mmap, w.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) == errno.ENODEV
@@ -372,9 +376,10 @@ def test_a_backup_generation_shows_when_it_was_superseded(mount):
     assert before - 1 <= gen.st_mtime <= time.time() + 1
 
 
-def test_a_file_just_written_can_be_mapped_shared_at_once(mount):
+def test_a_file_just_written_can_be_mapped_shared_at_once(make_mount):
     import mmap
 
+    mount = make_mount(["page_cache"])
     # No stat between the commit and the map: the commit dropped the kernel's attributes, so
     # the reader's open gets the page cache, and the map sees the whole new version.
     for size in (100, 9000, 50):

@@ -88,13 +88,18 @@ def readable_location(node: Node) -> tuple[Node, bytes]:
 
 
 class Files:
-    def __init__(self, store: Store, inodes: InodeTable, workers: Workers, invalidate_attrs, drop_other_names):
+    def __init__(self, store: Store, inodes: InodeTable, workers: Workers, invalidate_attrs, drop_other_names,
+                 page_cache: bool = False):
         self.store = store
         self.inodes = inodes
         self.workers = workers
         self._invalidate_attrs = invalidate_attrs  # (ino) -> None, blocking: call in a worker
         self._drop_other_names = drop_other_names  # async (stat of the file a commit replaced, node)
         self._refilling = False
+        # Read-only opens of committed files through the page cache (`-o page_cache`): shared
+        # maps work. Off by default: under many concurrent renames of one name a reader could
+        # still be shown another version's size (the 16-client test, one run in three in CI).
+        self.page_cache = page_cache
         self._committing = 0  # commits under way in workers
         self._written: set[Node] = set()  # nodes with write-capable handles
         self._commit_seconds = 0.0  # how long commits take, a moving average
@@ -165,7 +170,8 @@ class Files:
             elif not node.pending:
                 parent, name = readable_location(node)
                 handle.fd = os.open(name, READ_FLAGS, dir_fd=parent.fd)
-                if not node.writers and node.stage is None and (node.parent is not None or node.cached):
+                if (self.page_cache and not node.writers and node.stage is None
+                        and (node.parent is not None or node.cached)):
                     self._read_through_page_cache(node, handle, info)
                 node.readers.add(handle)
         node.handles += 1

@@ -85,8 +85,9 @@ VirtualHandle = GenerationReader | CacheReader | CacheWriter
 
 class Options:
     def __init__(self, xattr: bool = False, show_virtual: bool = False,
-                 attr_timeout: float = 5.0, entry_timeout: float = 5.0):
+                 attr_timeout: float = 5.0, entry_timeout: float = 5.0, page_cache: bool = False):
         self.xattr = xattr
+        self.page_cache = page_cache
         self.show_virtual = show_virtual
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
@@ -105,7 +106,8 @@ class Filesystem(pyfuse3.Operations):
         self._next_fh = 1
         self.uid = os.geteuid()
         self.workers = Workers()
-        self.files = Files(store, self.inodes, self.workers, self._invalidate_attrs, self._drop_names_of)
+        self.files = Files(store, self.inodes, self.workers, self._invalidate_attrs, self._drop_names_of,
+                           options.page_cache)
         self.backups_view = BackupsView(store.backups)
         self.cache_view = CacheView(cache, store, self.workers)
         self.links = self.inodes.links
