@@ -224,9 +224,9 @@ class Daemon:
                  report.projects, len(report.unrepaired))
 
 
-# Readers of committed files go through the page cache, which the kernel fills by readahead:
-# at its default of 128 KiB a cold sequential read through the mount ran at 0.55x of the
-# backing disk, at 1 MiB (the largest request) at 0.82x. Root only (sysfs), and only once the
+# Direct files, and with `-o page_cache` readers of committed files, go through the page cache,
+# which the kernel fills by readahead: at its default of 128 KiB a cold sequential read through
+# the mount ran at 0.55x of the backing disk, at 1 MiB (the largest request) at 0.82x. Root only (sysfs), and only once the
 # kernel has our INIT reply, which caps it at 128 KiB.
 READAHEAD_KB = 1024
 

@@ -261,12 +261,14 @@ class Files:
         node = handle.node
         if handle.fd is not None:
             data = os.pread(handle.fd, size, off)
-            if len(data) < size and not handle.direct and handle not in node.cached:
+            if len(data) < size and not handle.direct and handle not in node.cached and (
+                    node.stage is not None or handle.version != node.commits or node.cache_key is not None):
                 # A reader served through the daemon may read another version than the one the
-                # kernel holds the size of (an older one, or not the page cache's, or one that a
-                # rename brought under the name meanwhile): the kernel would take this short
-                # read for the file's size and cut its cached size, which writers then seek to
-                # and readers of the page cache stop at.
+                # kernel holds the size of (an older one, or, on a node that has had readers in
+                # the page cache, one that a rename brought under the name meanwhile): the
+                # kernel would take this short read for the file's size and cut its cached
+                # size, which writers then seek to and readers of the page cache stop at. (Not
+                # on every end of file: that would cost each plain read a trip to a worker.)
                 # Dropping the cached attributes before the reply bumps their version, so the
                 # kernel leaves the size alone.
                 await self.workers.run(self._invalidate_attrs, node.ino)
@@ -409,7 +411,7 @@ class Files:
             parent, name = node.location
             relpath = node.relpath()
             try:
-                replaced = await self._run_commit(stage, node.ino, stage, parent.fd, name, relpath,
+                replaced = await self._run_commit(node.ino, stage, parent.fd, name, relpath,
                                                   not node.backed_up, node.kill_setid)
             except Invalid as e:
                 if quiet and not final:
@@ -443,7 +445,9 @@ class Files:
     INLINE_BYTES = 64 << 10
     INLINE_SECONDS = 0.002
 
-    async def _run_commit(self, stage: Stage, *args) -> os.stat_result | None:
+    async def _run_commit(self, *args) -> os.stat_result | None:
+        """`_commit_and_invalidate(*args)`, inline or in a worker."""
+        stage = args[1]
         inline = (len(self._written) <= 1 and self._committing == 0 and self._commit_seconds < self.INLINE_SECONDS
                   and os.fstat(stage.fd).st_size <= self.INLINE_BYTES)
         if inline:
