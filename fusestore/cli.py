@@ -476,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
     p.add_argument("--config", metavar="FILE", help="configuration file (default: BACKING/fusestore.toml)")
     p.add_argument("-o", action="append", default=[], metavar="OPT,...",
-                   help="mount options: xattr, show_virtual, allow_other, ro, attr_timeout=S, entry_timeout=S, debug")
+                   help="mount options: xattr, show_virtual, allow_other, ro, attr_timeout=S, entry_timeout=S, "
+                        "page_cache=on|off, debug[=NAME:NAME]")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 

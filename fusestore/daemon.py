@@ -55,6 +55,18 @@ def parse_options(values: list[str]) -> dict[str, str]:
     return options
 
 
+def switch(opts: dict[str, str], name: str, default: bool) -> bool:
+    """An on/off option: `name` or `name=on` turns it on, `name=off` off."""
+    if name not in opts:
+        return default
+    value = opts[name].lower()
+    if value in ("", "on", "yes", "1", "true"):
+        return True
+    if value in ("off", "no", "0", "false"):
+        return False
+    raise MountError(f"mount option {name} takes on or off, not {opts[name]!r}")
+
+
 def preflight(backing: str, mountpoint: str) -> None:
     if not os.path.isdir(backing):
         raise MountError(f"backing directory {backing} does not exist or is not a directory")
@@ -224,10 +236,10 @@ class Daemon:
                  report.projects, len(report.unrepaired))
 
 
-# Direct files, and with `-o page_cache` readers of committed files, go through the page cache,
-# which the kernel fills by readahead: at its default of 128 KiB a cold sequential read through
-# the mount ran at 0.55x of the backing disk, at 1 MiB (the largest request) at 0.82x. Root only (sysfs), and only once the
-# kernel has our INIT reply, which caps it at 128 KiB.
+# Direct files and readers of committed files go through the page cache, which the kernel fills
+# by readahead: at its default of 128 KiB a cold sequential read through the mount ran at 0.55x
+# of the backing disk, at 1 MiB (the largest request) at 0.82x. Root only (sysfs), and only once
+# the kernel has our INIT reply, which caps it at 128 KiB.
 READAHEAD_KB = 1024
 
 
@@ -270,6 +282,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         mount_cfg = config.mount
         attr_timeout = float(opts.get("attr_timeout") or mount_cfg.attr_timeout)
         entry_timeout = float(opts.get("entry_timeout") or mount_cfg.entry_timeout)
+        page_cache = switch(opts, "page_cache", mount_cfg.page_cache)
         store = Store(backing, config)
     except (MountError, config_mod.ConfigError, ValueError) as e:
         report(f"error: {e}")
@@ -298,7 +311,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         report(f"error: cannot open the cache {cache_mod.directory(backing, config.cache)}: {getattr(e, 'strerror', None) or e}")
         store.close()
         return 1
-    fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts, page_cache="page_cache" in opts,
+    fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts, page_cache=page_cache,
                                    attr_timeout=attr_timeout, entry_timeout=entry_timeout), cache)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     fuse_options |= {f"fsname={backing}", "subtype=fusestore"}

@@ -29,6 +29,16 @@ def test_mount_refuses_a_missing_backing_dir(tree):
     assert not is_mounted(mnt)
 
 
+@pytest.mark.parametrize(("option", "said"), [("nosuch", "unknown mount option 'nosuch'"),
+                                             ("page_cache=maybe", "takes on or off")])
+def test_mount_refuses_a_bad_option_in_one_line(tree, option, said):
+    backing, mnt = tree
+    r = fusestore("mount", str(backing), str(mnt), "-o", option, check=False)
+    assert r.returncode != 0 and said in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not is_mounted(mnt)
+
+
 def test_mount_refuses_a_non_empty_mountpoint(tree):
     backing, mnt = tree
     (mnt / "junk").write_text("x")

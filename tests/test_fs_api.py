@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import types
 
 import pyfuse3
 import pytest
+import trio
 
 from fusestore.engine import cache as cache_mod
 from fusestore.engine import config
@@ -122,6 +124,39 @@ async def test_a_reader_of_another_version_than_the_page_cache_reads_through_the
     assert (await fs.lookup(ROOT_INODE, b"r.txt", CTX)).st_ino != ino
     await fs.release(other.fh)
     await fs.release(cached.fh)
+
+
+async def test_an_open_while_its_name_is_renamed_over_reads_through_the_daemon(fs, monkeypatch):
+    for name, content in ((b"a.txt", b"the old one"), (b"b.txt", b"new")):
+        fh, ino = await create(fs, name)
+        await fs.write(fh, 0, content)
+        await fs.release(fh)
+    a = (await fs.lookup(ROOT_INODE, b"a.txt", CTX)).st_ino
+    # The rename is done in a worker; until it returns, the node of a.txt still has the name
+    # in the daemon, but the backing name holds b's content. The kernel may have looked the
+    # path up before, and its reply about the node's size may lose to the rename's.
+    renamed, go_on = threading.Event(), threading.Event()
+    rename = fs._rename
+
+    def slow_rename(*args):
+        rename(*args)
+        renamed.set()
+        go_on.wait(10)
+
+    monkeypatch.setattr(fs, "_rename", slow_rename)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.rename, ROOT_INODE, b"b.txt", ROOT_INODE, b"a.txt", 0, CTX)
+        await trio.to_thread.run_sync(renamed.wait, 10)
+        assert (await fs.getattr(a, CTX)).st_size == 3  # a reply the kernel may drop
+        during = await fs.open(a, R, CTX)
+        go_on.set()
+    assert during.direct_io
+    assert await fs.read(during.fh, 0, 100) == b"new"
+    await fs.release(during.fh)
+    after = await fs.lookup(ROOT_INODE, b"a.txt", CTX)
+    reader = await fs.open(after.st_ino, R, CTX)
+    assert not reader.direct_io
+    await fs.release(reader.fh)
 
 
 async def test_a_write_open_of_a_node_whose_name_went_answers_estale(fs):

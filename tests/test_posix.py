@@ -271,10 +271,9 @@ def test_private_mappings_see_each_committed_version(mount):
         assert len(m) == 4096 and m[:4] == b"BBBB"
 
 
-def test_read_only_shared_maps_keep_their_version_while_the_file_is_rewritten(make_mount):
+def test_read_only_shared_maps_keep_their_version_while_the_file_is_rewritten(mount):
     import mmap
 
-    mount = make_mount(["page_cache"])
     # Python's mmap default (MAP_SHARED). A reader of a committed file that nobody writes reads
     # through the page cache; a writer that comes then gets the name on a new kernel inode that
     # shows the same inode number, and the map keeps the version it mapped, as the README's
@@ -301,15 +300,22 @@ def test_read_only_shared_maps_keep_their_version_while_the_file_is_rewritten(ma
     assert [e.inode() for e in os.scandir(mount.mnt) if e.name == "s.bin"] == [ino]
 
 
+def test_without_the_page_cache_shared_maps_of_committed_files_are_refused(make_mount):
+    import mmap
+
+    mount = make_mount(["page_cache=off"])
+    (mount / "c.bin").write_bytes(b"C" * 100)
+    with open(mount / "c.bin", "rb") as f:
+        assert errno_of(mmap.mmap, f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) == errno.ENODEV
+        assert f.read() == b"C" * 100
+
+
 def test_shared_maps_of_files_being_written_are_refused(mount):
     import mmap
 
     # The README's limit: while a file has an open version, its writers and the readers that
     # come meanwhile share one kernel inode whose size is the open version's, so shared maps
     # fail with ENODEV there. Private maps work; direct files (databases) have shared maps.
-    (mount / "c.bin").write_bytes(b"C" * 100)
-    with open(mount / "c.bin", "rb") as f:  # a committed file, without -o page_cache
-        assert errno_of(mmap.mmap, f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) == errno.ENODEV
     (mount / "s.bin").write_bytes(b"A" * 8192)
     with open(mount / "s.bin", "r+b") as w:
         assert errno_of(mmap.mmap, w.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) == errno.ENODEV
@@ -376,10 +382,9 @@ def test_a_backup_generation_shows_when_it_was_superseded(mount):
     assert before - 1 <= gen.st_mtime <= time.time() + 1
 
 
-def test_a_file_just_written_can_be_mapped_shared_at_once(make_mount):
+def test_a_file_just_written_can_be_mapped_shared_at_once(mount):
     import mmap
 
-    mount = make_mount(["page_cache"])
     # No stat between the commit and the map: the commit dropped the kernel's attributes, so
     # the reader's open gets the page cache, and the map sees the whole new version.
     for size in (100, 9000, 50):
@@ -387,6 +392,24 @@ def test_a_file_just_written_can_be_mapped_shared_at_once(make_mount):
             f.write(b"Q" * size)
         with open(mount / "n.bin", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             assert m[:] == b"Q" * size
+
+
+def test_a_reader_of_an_older_version_leaves_the_size_page_cache_readers_read_to(mount):
+    import mmap
+
+    path = mount / "s.bin"
+    path.write_bytes(b"a" * 100)
+    writer = os.open(path, os.O_WRONLY)
+    old = os.open(path, os.O_RDONLY)  # opened while written: reads version 1 through the daemon
+    os.pwrite(writer, b"b" * 9000, 0)
+    os.close(writer)  # version 2 committed
+    try:
+        assert os.stat(path).st_size == 9000
+        assert os.pread(old, 65536, 0) == b"a" * 100  # a short read, of another version
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            assert f.read() == b"b" * 9000 and m[:] == b"b" * 9000
+    finally:
+        os.close(old)
 
 
 def test_access_and_exec_answer_as_on_a_plain_directory(mount, plain):

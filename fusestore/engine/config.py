@@ -91,6 +91,9 @@ class Mount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # itself, so these only bound how long a change made behind the mount's back stays unseen.
     attr_timeout: float = 5.0
     entry_timeout: float = 5.0
+    # Read-only opens of committed files that nobody writes read through the kernel's page
+    # cache (shared maps work, repeated reads stay in the kernel).
+    page_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.attr_timeout < 0 or self.entry_timeout < 0:

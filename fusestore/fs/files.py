@@ -89,16 +89,15 @@ def readable_location(node: Node) -> tuple[Node, bytes]:
 
 class Files:
     def __init__(self, store: Store, inodes: InodeTable, workers: Workers, invalidate_attrs, drop_other_names,
-                 page_cache: bool = False):
+                 page_cache: bool = True):
         self.store = store
         self.inodes = inodes
         self.workers = workers
         self._invalidate_attrs = invalidate_attrs  # (ino) -> None, blocking: call in a worker
         self._drop_other_names = drop_other_names  # async (stat of the file a commit replaced, node)
         self._refilling = False
-        # Read-only opens of committed files through the page cache (`-o page_cache`): shared
-        # maps work. Off by default: under many concurrent renames of one name a reader could
-        # still be shown another version's size (the 16-client test, one run in three in CI).
+        # Read-only opens of committed files through the page cache (`_read_through_page_cache`;
+        # `-o page_cache=off` turns it off): shared maps work.
         self.page_cache = page_cache
         self._committing = 0  # commits under way in workers
         self._written: set[Node] = set()  # nodes with write-capable handles
@@ -170,7 +169,7 @@ class Files:
             elif not node.pending:
                 parent, name = readable_location(node)
                 handle.fd = os.open(name, READ_FLAGS, dir_fd=parent.fd)
-                if (self.page_cache and not node.writers and node.stage is None
+                if (self.page_cache and not node.writers and node.stage is None and not node.moving
                         and (node.parent is not None or node.cached)):
                     self._read_through_page_cache(node, handle, info)
                 node.readers.add(handle)
@@ -189,10 +188,11 @@ class Files:
             # version in its page cache (a rename onto the name is under way, or a change
             # behind the mount): this reader reads its version through the daemon.
             return
-        if node.told is not None and (st.st_size, st.st_mtime_ns) != node.told:
-            # The kernel holds another version's size for the node (a rename is under way, or
-            # a change was made behind the mount), which would cut page cache reads short; it
-            # asks again only for attributes we invalidated (`told` None).
+        if key != node.known:
+            # The kernel may hold another version's size for the node (the name changed
+            # behind the mount), and page-cache reads stop at that size. Invalidating the
+            # attributes would not do: the kernel drops a reply about a node whose attributes
+            # changed meanwhile (an unlink, a rename onto its name), and reads on.
             return
         info.direct_io = False
         info.keep_cache = key == node.cache_key  # the pages the kernel kept are of this version
@@ -260,20 +260,9 @@ class Files:
     async def read(self, handle: Handle, off: int, size: int) -> bytes:
         node = handle.node
         if handle.fd is not None:
-            data = os.pread(handle.fd, size, off)
-            if len(data) < size and not handle.direct and handle not in node.cached and (
-                    node.stage is not None or handle.version != node.commits or node.cache_key is not None):
-                # A reader served through the daemon may read another version than the one the
-                # kernel holds the size of (an older one, or, on a node that has had readers in
-                # the page cache, one that a rename brought under the name meanwhile): the
-                # kernel would take this short read for the file's size and cut its cached
-                # size, which writers then seek to and readers of the page cache stop at. (Not
-                # on every end of file: that would cost each plain read a trip to a worker.)
-                # Dropping the cached attributes before the reply bumps their version, so the
-                # kernel leaves the size alone.
-                await self.workers.run(self._invalidate_attrs, node.ino)
-                node.told = None
-            return data
+            # A short read here, of another version than the kernel holds the size of, does
+            # not cut that size: the kernel does so only for reads through the page cache.
+            return os.pread(handle.fd, size, off)
         async with node.commit_lock():
             if node.stage is not None:
                 return os.pread(node.stage.fd, size, off)
@@ -427,8 +416,10 @@ class Files:
             # The stage's fd stayed open through the commit (now on the committed file), so a
             # getattr meanwhile could fstat it; it closes here, on the trio thread.
             node.stage = None
+            # The kernel followed the open version's size through the writes and truncations
+            # it passed on: it holds the committed size.
+            node.known = version_key(os.fstat(stage.fd))
             os.close(stage.fd)
-            node.told = None  # the commit dropped the kernel's cached attributes
             node.commits += 1
             node.backed_up = True
             node.refusal_recorded = False

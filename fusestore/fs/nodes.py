@@ -34,7 +34,7 @@ class Node:
     __slots__ = (
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
         "stage", "writers", "readers", "lock", "pending", "former", "kill_setid", "backed_up",
-        "refusal_recorded", "commits", "shown", "cached", "cache_key", "told", "heir", "awaited",
+        "refusal_recorded", "commits", "shown", "cached", "cache_key", "known", "moving", "heir", "awaited",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -63,7 +63,10 @@ class Node:
         self.shown = ino
         self.cached: set = set()  # read-only handles served from the kernel's page cache
         self.cache_key: tuple | None = None  # the version they read (files.version_key)
-        self.told: tuple | None = None  # the (size, mtime) last given to the kernel
+        # The version (files.version_key) whose size the kernel was last given for the node,
+        # by a reply or a commit through it: the size page-cache readers of the node read to.
+        self.known: tuple | None = None
+        self.moving = False  # renamed or renamed over right now (Operations.rename)
         self.heir: Node | None = None  # the node that took the name from this one (Files._supersede)
         self.awaited = False  # made for a writer the kernel is to retry with: no page cache yet
 

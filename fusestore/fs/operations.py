@@ -85,7 +85,7 @@ VirtualHandle = GenerationReader | CacheReader | CacheWriter
 
 class Options:
     def __init__(self, xattr: bool = False, show_virtual: bool = False,
-                 attr_timeout: float = 5.0, entry_timeout: float = 5.0, page_cache: bool = False):
+                 attr_timeout: float = 5.0, entry_timeout: float = 5.0, page_cache: bool = True):
         self.xattr = xattr
         self.page_cache = page_cache
         self.show_virtual = show_virtual
@@ -160,7 +160,7 @@ class Filesystem(pyfuse3.Operations):
         if isinstance(node, Node):
             self.links.seen(node, st)
             e.attr_ino = node.shown
-            node.told = (st.st_size, st.st_mtime_ns)
+            node.known = version_key(st)
         return e
 
     async def _drop_names_of(self, st, node: Node) -> None:
@@ -172,10 +172,6 @@ class Filesystem(pyfuse3.Operations):
     async def _drop_cached_attrs(self, inos: list[int]) -> None:
         if inos:
             await self.workers.run(self._invalidate_each, inos)
-            for ino in inos:
-                node = self.inodes.get(ino)
-                if isinstance(node, Node):
-                    node.told = None
 
     @classmethod
     def _invalidate_each(cls, inos: list[int]) -> None:
@@ -558,9 +554,19 @@ class Filesystem(pyfuse3.Operations):
                 await self.files.keep_open_version(dst)
         src_rel = self._relpath(old_parent, name_old)
         dst_rel = self._relpath(new_parent, name_new)
-        await self.workers.run(
-            self._rename, old_parent.fd, name_old, new_parent.fd, name_new, flags, src_rel, dst_rel, dst_st
-        )
+        # Until the names are moved here too, the backing names and the nodes disagree: an open
+        # of either node meanwhile (the kernel resolved its path before the rename) reads
+        # through the daemon, as the kernel may have or get the other file's size for it.
+        moving = [n for n in (src, dst) if n is not None]
+        for n in moving:
+            n.moving = True
+        try:
+            await self.workers.run(
+                self._rename, old_parent.fd, name_old, new_parent.fd, name_new, flags, src_rel, dst_rel, dst_st
+            )
+        finally:
+            for n in moving:
+                n.moving = False
         if dst is not None:
             self.inodes.unplace(dst)
         if src is not None:
