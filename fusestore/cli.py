@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--type", choices=("media", "tts"), required=True)
     p.add_argument("--tag", action="append", default=[], metavar="TAG")
-    p.add_argument("--name", metavar="NAME", help="the data file's name in the entry (default: data + FILE's extension)")
+    p.add_argument("--name", metavar="NAME",
+                   help="the data file's name in the entry (default: data + FILE's extension)")
     p = cache_cmd("ls", cmd_cache_ls, "list live entries")
     p.add_argument("--type", choices=("media", "tts"))
     cache_cmd("stats", cmd_cache_stats, "entries, bytes, hits, misses, evictions per type")
@@ -582,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fusestore {name}: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"fusestore {args.command}: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"fusestore {args.command}: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

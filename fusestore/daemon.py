@@ -231,7 +231,8 @@ class Daemon:
             return
         self.check_report = report
         for f in report.findings:
-            (log.warning if f.kind in maintenance.NEEDS_REPAIR else log.info)("check: %s %s: %s", f.kind, f.path, f.detail)
+            level = logging.WARNING if f.kind in maintenance.NEEDS_REPAIR else logging.INFO
+            log.log(level, "check: %s %s: %s", f.kind, f.path, f.detail)
         log.info("check: %d document(s) in %d project(s), %d problem(s) to repair", report.checked_files,
                  report.projects, len(report.unrepaired))
 
@@ -308,7 +309,8 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
     try:
         cache = Cache(cache_mod.directory(backing, config.cache), config.cache, verify=True)
     except (OSError, sqlite3.Error) as e:
-        report(f"error: cannot open the cache {cache_mod.directory(backing, config.cache)}: {getattr(e, 'strerror', None) or e}")
+        where = cache_mod.directory(backing, config.cache)
+        report(f"error: cannot open the cache {where}: {getattr(e, 'strerror', None) or e}")
         store.close()
         return 1
     fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts, page_cache=page_cache,

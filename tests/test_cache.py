@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import report
-
-from fusestore.engine.config import Cache as CacheConfig
 from fusestore.engine.cache import Cache, CacheError
+from fusestore.engine.config import Cache as CacheConfig
 from fusestore.engine.jskey import cache_key
 
 DAY = 86400.0
@@ -60,9 +59,12 @@ KEY_CASES = [
     ("https://x/v.mp4", {"w": 1920, "h": 1080, "q": "hd"}, '{"url":"https://x/v.mp4","w":1920,"h":1080,"q":"hd"}'),
     ("u", {"b": 1, "10": "x", "2": True, "a": None}, '{"2":true,"10":"x","url":"u","b":1,"a":null}'),
     ("u", {"url": "override", "z": 0}, '{"url":"override","z":0}'),
-    ("u", {"f": 1.0, "g": 0.5, "e": 1e21, "s": 1e-7, "big": 1e20}, '{"url":"u","f":1,"g":0.5,"e":1e+21,"s":1e-7,"big":100000000000000000000}'),
-    ("u", {"voice": "nova", "text": "Hé \"quoted\"\n\ttab é😀"}, '{"url":"u","voice":"nova","text":"Hé \\"quoted\\"\\n\\ttab é😀"}'),
-    ("u", {"nested": {"b": [1, 2, {"1": "x", "a": []}], "a": {}}}, '{"url":"u","nested":{"b":[1,2,{"1":"x","a":[]}],"a":{}}}'),
+    ("u", {"f": 1.0, "g": 0.5, "e": 1e21, "s": 1e-7, "big": 1e20},
+     '{"url":"u","f":1,"g":0.5,"e":1e+21,"s":1e-7,"big":100000000000000000000}'),
+    ("u", {"voice": "nova", "text": "Hé \"quoted\"\n\ttab é😀"},
+     '{"url":"u","voice":"nova","text":"Hé \\"quoted\\"\\n\\ttab é😀"}'),
+    ("u", {"nested": {"b": [1, 2, {"1": "x", "a": []}], "a": {}}},
+     '{"url":"u","nested":{"b":[1,2,{"1":"x","a":[]}],"a":{}}}'),
     ("u", {"ctl": "\x01\x1f\x7f"}, '{"url":"u","ctl":"\\u0001\\u001f\x7f"}'),
 ]
 
@@ -81,7 +83,8 @@ def test_keys_match_node_itself():
     cases = [(url, params or {}) for url, params, _ in KEY_CASES]
     for i in range(200):
         params = {rng.choice(["w", "h", "0", "7", "url", "voice", "ß"]): rng.choice(
-            [rng.randint(-10**9, 10**9), rng.random() * 10 ** rng.randint(-30, 30), "ä\u2028x", None, True, [1.5, {"k": "v"}]])
+            [rng.randint(-10**9, 10**9), rng.random() * 10 ** rng.randint(-30, 30), "ä\u2028x", None, True,
+             [1.5, {"k": "v"}]])
             for _ in range(rng.randint(0, 5))}
         cases.append((f"https://example.com/{i}?q=é", params))
     out = subprocess.run(["node", "-e", script], input=json.dumps(cases), capture_output=True, text=True, timeout=60)

@@ -14,8 +14,7 @@ import pytest
 
 from conftest import close_error, fusestore, wait_for, write_json
 from fusestore import projects
-from fusestore.engine import config
-from fusestore.engine import layout, schemas
+from fusestore.engine import config, layout, schemas
 
 SCRIPT = {"version": "1.0", "topicId": "topic-1", "title": "Octopuses",
           "segments": [{"id": "s1", "text": "Nine brains.", "duration": 2.5}]}
@@ -264,7 +263,8 @@ def test_check_on_an_unmounted_tree_reports_and_quarantines_leftover_stages(make
     staged.write_text('{"half": ')
     report = json.loads(fusestore("check", str(m.backing), "--json", check=False).stdout)
     assert report["ok"] is False
-    assert [f["path"] for f in report["findings"] if f["kind"] == "staged"] == [f"public/projects/{project_id}/scripts/x.json"]
+    staged = [f["path"] for f in report["findings"] if f["kind"] == "staged"]
+    assert staged == [f"public/projects/{project_id}/scripts/x.json"]
     repaired = fusestore("check", str(m.backing), "--repair")
     assert "moved to the quarantine" in repaired.stdout
     assert not staged.exists() and len(m.quarantine) == 1

@@ -7,8 +7,7 @@ import os
 
 import pytest
 
-from fusestore.engine import config
-from fusestore.engine import validate
+from fusestore.engine import config, validate
 from fusestore.engine.backups import Backups
 from fusestore.engine.store import Invalid, Rejected, Store
 

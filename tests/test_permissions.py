@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 
-
 USER, OTHER = 1234, 1235
 
 # Run as USER: each operation's outcome, as the errno name or "ok".
@@ -37,7 +36,8 @@ results = {
     "create in open dir 0777": attempt(lambda: write(p("open", "mine.txt"))),
     "unlink other's file in sticky dir": attempt(lambda: os.unlink(p("sticky", "others.txt"))),
     "rename other's file in sticky dir": attempt(lambda: os.rename(p("sticky", "others.txt"), p("sticky", "x.txt"))),
-    "unlink own file in sticky dir": attempt(lambda: (write(p("sticky", "own.txt")), os.unlink(p("sticky", "own.txt")))),
+    "unlink own file in sticky dir": attempt(
+        lambda: (write(p("sticky", "own.txt")), os.unlink(p("sticky", "own.txt")))),
     "chown own file to root": attempt(lambda: (write(p("open", "c.txt")), os.chown(p("open", "c.txt"), 0, 0))),
     "chmod root file": attempt(lambda: os.chmod(p("root666.txt"), 0o777)),
     "utime root file to a time": attempt(lambda: os.utime(p("root666.txt"), (1, 1))),

@@ -288,7 +288,10 @@ def test_tar_and_unzip_keep_symlinks_and_sparse_files(mount, plain, tmp_path):
         for root, dirs, files in os.walk(d):
             for name in sorted(files):
                 p = Path(root) / name
-                kind = "link:" + os.readlink(p) if p.is_symlink() else (p.read_bytes()[-16:] if name != "sparse.bin" else p.stat().st_size)
+                if p.is_symlink():
+                    kind = "link:" + os.readlink(p)
+                else:
+                    kind = p.read_bytes()[-16:] if name != "sparse.bin" else p.stat().st_size
                 listing.append((str(p.relative_to(d)), kind))
         return t.returncode, z.returncode, sorted(listing)
 

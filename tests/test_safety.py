@@ -93,7 +93,8 @@ def test_symlink_pointing_outside_is_shown_not_followed_by_the_daemon(mount, tmp
     write_json(mount / "r.json", {"r": 2})
     os.unlink(mount.backing / "r.json")
     os.symlink(secret, mount.backing / "r.json")
-    r = subprocess.run([sys.executable, "-m", "fusestore", "restore", str(mount / "r.json")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "fusestore", "restore", str(mount / "r.json")],
+                       capture_output=True, text=True)
     assert r.returncode != 0
     assert json.loads(secret.read_text()) == {"secret": True}
 
@@ -238,7 +239,8 @@ def test_symlinks_swapped_into_the_backing_tree_during_operations(mount, tmp_pat
         for _ in range(10):
             subprocess.run([sys.executable, "-m", "fusestore", "restore", str(mount / "d/r.json")],
                            capture_output=True, timeout=60)
-            subprocess.run([sys.executable, "-m", "fusestore", "check", str(mount.mnt)], capture_output=True, timeout=60)
+            subprocess.run([sys.executable, "-m", "fusestore", "check", str(mount.mnt)],
+                           capture_output=True, timeout=60)
         out, err = client.communicate(timeout=120)
     finally:
         stop.set()

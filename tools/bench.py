@@ -442,8 +442,8 @@ def main() -> int:
                 rows.append({"workload": name, "plain_s": p, "fusestore_s": f, "ratio": p / f,
                              "target": target, "against": against})
 
-            pair(f"sequential write {size >> 20} MiB + fsync", lambda: seq_write(plain, size), lambda: seq_write(mnt, size),
-                 target=0.85)
+            pair(f"sequential write {size >> 20} MiB + fsync", lambda: seq_write(plain, size),
+                 lambda: seq_write(mnt, size), target=0.85)
             pair(f"sequential read {size >> 20} MiB, cold", lambda: seq_read(plain, (os.path.join(plain, "seq.bin"),)),
                  lambda: seq_read(mnt, (os.path.join(backing, "seq.bin"), os.path.join(mnt, "seq.bin"))), target=0.9)
             pair(f"sequential read {size >> 20} MiB, warm", lambda: seq_read(plain), lambda: seq_read(mnt))
@@ -464,7 +464,8 @@ def main() -> int:
                          "plain_s": safe_plain, "fusestore_s": rewrite_mount, "ratio": safe_plain / rewrite_mount,
                          "target": None, "against": "safe pattern on plain"})
             rows.append({"workload": f"{small} x 4 KiB JSON: naive (not durable on plain)", "plain_s": naive_plain,
-                         "fusestore_s": naive_mount, "ratio": naive_plain / naive_mount, "target": None, "against": None})
+                         "fusestore_s": naive_mount, "ratio": naive_plain / naive_mount, "target": None,
+                         "against": None})
             rows.append({"workload": f"{small} x 4 KiB JSON: safe pattern, both", "plain_s": safe_plain,
                          "fusestore_s": safe_mount, "ratio": safe_plain / safe_mount, "target": None, "against": None})
             per_writer = small // 8
@@ -518,14 +519,16 @@ def main() -> int:
     when = datetime.date.today().isoformat()
     print(f"fusestore bench, {when}, {platform.node() and 'this machine'}: {os.cpu_count()} cores, "
           f"Linux {platform.release()}, Python {platform.python_version()}"
-          f"{', quick' if args.quick else f', median of {repeats} ({small_repeats} for the JSON rows), runs interleaved'}")
+          + (", quick" if args.quick
+             else f", median of {repeats} ({small_repeats} for the JSON rows), runs interleaved"))
     print()
     print(f"| {'workload':58} | {'plain':>9} | {'fusestore':>9} | {'ratio':>6} | {'target':>6} | met |")
     print(f"|{'-' * 60}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 8}|-----|")
     for r in rows:
         target = f"{r['target']:.2f}x" if r["target"] else ""
         met = ("yes" if r["ratio"] >= r["target"] else "NO") if r["target"] else ""
-        print(f"| {r['workload']:58} | {r['plain_s']:8.3f}s | {r['fusestore_s']:8.3f}s | {r['ratio']:5.2f}x | {target:>6} | {met:3} |")
+        print(f"| {r['workload']:58} | {r['plain_s']:8.3f}s | {r['fusestore_s']:8.3f}s | {r['ratio']:5.2f}x "
+              f"| {target:>6} | {met:3} |")
     f = figures
     mib = 1 << 20
 
@@ -533,9 +536,11 @@ def main() -> int:
         return "not available here" if f.get(key) is None else f"{f[key]:.3f}s"
 
     print()
-    print(f"- JSON validation: {f['validation_gb_s']:.2f} GB/s (target 1.0: {'yes' if f['validation_gb_s'] >= 1 else 'NO'})")
+    met = "yes" if f["validation_gb_s"] >= 1 else "NO"
+    print(f"- JSON validation: {f['validation_gb_s']:.2f} GB/s (target 1.0: {met})")
     print(f"- committing a {f['big_json_size_mib']} MiB JSON document: {f['big_json_s']:.1f}s, daemon peak anonymous "
-          f"memory +{f['big_json_peak_mib']:.0f} MiB (target < 64 MiB: {'yes' if f['big_json_peak_mib'] < 64 else 'NO'})")
+          f"memory +{f['big_json_peak_mib']:.0f} MiB "
+          f"(target < 64 MiB: {'yes' if f['big_json_peak_mib'] < 64 else 'NO'})")
     print(f"- daemon CPU per commit: {f['cpu_per_commit_ms']:.2f} ms; resident memory after 1,000 commits "
           f"{f['rss_after_1000'] / mib:.1f} MiB, after {f['commits']:,} commits {f['rss_after_all'] / mib:.1f} MiB; "
           f"{f['fds_after_all']} open fds")
@@ -546,7 +551,8 @@ def main() -> int:
     print("Cache lookups by URL, microseconds per lookup (the spec's lookup reads metadata.json and lists the entry")
     print("on the plain directory; the API counts every hit as a use, a write to the index):")
     print()
-    print(f"| {'entries':>8} | {'API hit':>8} | {'API miss':>8} | {'spec lookup, plain':>18} | {'stat through mount':>18} |")
+    print(f"| {'entries':>8} | {'API hit':>8} | {'API miss':>8} | {'spec lookup, plain':>18} "
+          f"| {'stat through mount':>18} |")
     print(f"|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 20}|{'-' * 20}|")
     for r in cache[:-1]:
         print(f"| {r['entries']:>8} | {r['api_hit_us']:6.0f}us | {r['api_miss_us']:6.0f}us | "

@@ -48,7 +48,8 @@ def make_tree(backing: str) -> None:
                                                   "tags": ["octopus"]})
     with open(os.path.join(root, "assets/audio/seg-1.mp3"), "wb") as f:
         f.write(b"ID3" + os.urandom(1024))
-    put("assets/audio/seg-1.timestamps.json", {"version": "1.0", "words": [{"word": "Octopuses", "start": 0.0, "end": 0.6}]})
+    put("assets/audio/seg-1.timestamps.json",
+        {"version": "1.0", "words": [{"word": "Octopuses", "start": 0.0, "end": 0.6}]})
     put("timeline.json", {"version": "1.0", "tracks": [{"type": "video", "clips": []}]})
     for log in ("errors.log", "warnings.log", "pipeline.log"):
         open(os.path.join(root, "logs", log), "w").close()

@@ -342,7 +342,8 @@ class Exerciser:
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         kind = r.choice(["pwrite", "end", "sparse", "read", "read", "fstat", "truncate", "fsync", "dup", "child",
                          "fallocate", "close", "close"])
-        if kind in ("pwrite", "end", "sparse", "truncate", "fallocate") and (not writable or self._linked_elsewhere(pfd, path)):
+        changes = kind in ("pwrite", "end", "sparse", "truncate", "fallocate")
+        if changes and (not writable or self._linked_elsewhere(pfd, path)):
             kind = "fstat"  # a read-only descriptor gets EBADF alike; hard links: see above
         if kind == "close":
             self._close(slot)
@@ -475,7 +476,8 @@ def main() -> int:
         subprocess.run([*fusestore, "unmount", mnt])
         shutil.rmtree(work, ignore_errors=True)
     print(f"{ops} operations, seed {seed}: mount and plain directory agree, 0 failures "
-          f"({time.monotonic() - t:.0f}s; daemon RSS {before[0]} -> {after[0]} MiB, open fds {before[1]} -> {after[1]})")
+          f"({time.monotonic() - t:.0f}s; daemon RSS {before[0]} -> {after[0]} MiB, "
+          f"open fds {before[1]} -> {after[1]})")
     return 0
 
 

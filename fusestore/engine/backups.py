@@ -289,7 +289,8 @@ class Backups:
         deleted = 0
         for relpath in self.paths():
             gens = self.generations(relpath)
-            doomed = [g for g in gens if g.superseded_ns < older_than_ns and not (g.number == 1 and keep_newest(relpath))]
+            doomed = [g for g in gens
+                      if g.superseded_ns < older_than_ns and not (g.number == 1 and keep_newest(relpath))]
             if not doomed:
                 continue
             dfd = self._dir(relpath)

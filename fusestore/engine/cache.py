@@ -65,6 +65,7 @@ INDEX_JSON = "index.json"
 RATE_LIMITS = "rate-limits.json"
 _INDEX_DB = "index.sqlite"
 _TMP, _TRASH = ".tmp", ".trash"
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _RESERVED = {METADATA, INDEX_JSON}
 _OWN_FIELDS = ("type", "key", "file", "cachedAt", "expiresAt", "usageCount", "lastUsedAt")
 _COUNTERS = ("hits", "misses", "inserts", "evictions", "expired")
@@ -351,7 +352,8 @@ class Cache:
                 db.execute("UPDATE entries SET usage_count=usage_count+1, last_used_at=?, lru=? WHERE type=? AND key=?",
                            (now, now, kind, key))
                 self._count(db, kind, "hits")
-            entry = self._entry(self.db.execute("SELECT * FROM entries WHERE type=? AND key=?", (kind, key)).fetchone() or row)
+            fresh = self.db.execute("SELECT * FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
+            entry = self._entry(fresh or row)
         return entry
 
     def get(self, url: str, params: Mapping[str, Any] | None = None, type: str = "media") -> Entry | None:
@@ -389,7 +391,8 @@ class Cache:
 
     def stats(self) -> CacheStats:
         types = {kind: TypeStats() for kind in TYPES}
-        for kind, count, total in self.db.execute("SELECT type, COUNT(*), COALESCE(SUM(size),0) FROM entries GROUP BY type"):
+        rows = self.db.execute("SELECT type, COUNT(*), COALESCE(SUM(size),0) FROM entries GROUP BY type")
+        for kind, count, total in rows:
             if kind in types:
                 types[kind].entries, types[kind].bytes = count, total
         for kind, name, value in self.db.execute("SELECT type, name, value FROM counters"):
@@ -437,7 +440,7 @@ class Cache:
         if params:
             metadata["params"] = dict(params)
         def fill(build_fd: int) -> None:
-            out = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=build_fd)
+            out = os.open(file, _NEW_FILE, 0o644, dir_fd=build_fd)
             try:
                 if isinstance(source, bytes):
                     view = memoryview(source)
@@ -515,7 +518,7 @@ class Cache:
         if keep_times:
             metadata.update(usageCount=keep_times.usage_count, lastUsedAt=iso(keep_times.last_used_at))
         text = json.dumps(metadata, indent=2).encode() + b"\n"
-        fd = os.open(METADATA, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=build.fd)
+        fd = os.open(METADATA, _NEW_FILE, 0o644, dir_fd=build.fd)
         try:
             os.write(fd, text)
             os.fsync(fd)
@@ -565,7 +568,8 @@ class Cache:
         still the one with inode `ino`) leaves the disk in `_finish_removals`, or in the
         recovery of whoever finds the intent after a crash."""
         db.execute("DELETE FROM entries WHERE type=? AND key=?", (kind, key))
-        db.execute("INSERT INTO intents(op, type, key, ino, owner) VALUES('remove',?,?,?,?)", (kind, key, ino, self.owner))
+        db.execute("INSERT INTO intents(op, type, key, ino, owner) VALUES('remove',?,?,?,?)",
+                   (kind, key, ino, self.owner))
         if counter:
             self._count(db, kind, counter)
 
@@ -643,7 +647,8 @@ class Cache:
         now = self.clock()
         count = 0
         for kind in TYPES:
-            keys = [r[0] for r in self.db.execute("SELECT key FROM entries WHERE type=? AND expires_at <= ?", (kind, now))]
+            rows = self.db.execute("SELECT key FROM entries WHERE type=? AND expires_at <= ?", (kind, now))
+            keys = [r[0] for r in rows]
             if keys:
                 count += self._remove(kind, keys, "expired")
         return count
@@ -694,7 +699,8 @@ class Cache:
             st = os.stat(file, dir_fd=fd, follow_symlinks=False)
             size = st.st_size + len(meta_bytes)
             cached_at = parse_time(meta.get("cachedAt") or meta.get("downloaded_at")) or st.st_mtime
-            expires_at = parse_time(meta.get("expiresAt") or meta.get("expires_at")) or cached_at + self.config.expiry_seconds(kind)
+            expires_at = (parse_time(meta.get("expiresAt") or meta.get("expires_at"))
+                          or cached_at + self.config.expiry_seconds(kind))
             usage = meta.get("usageCount") if isinstance(meta.get("usageCount"), int) else 0
             last_used = parse_time(meta.get("lastUsedAt"))
             stored = {k: v for k, v in meta.items() if k not in ("usageCount", "lastUsedAt")}
@@ -710,7 +716,8 @@ class Cache:
             if row is not None and db.execute("SELECT 1 FROM intents WHERE op='remove' AND type=? AND key=? AND ino=?",
                                               (kind, key, row[4])).fetchone():
                 row = None  # retired (evicted, expired, cleared), its directory not yet removed
-            old = db.execute("SELECT usage_count, last_used_at FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
+            old = db.execute("SELECT usage_count, last_used_at FROM entries WHERE type=? AND key=?",
+                             (kind, key)).fetchone()
             if row is None:
                 db.execute("DELETE FROM entries WHERE type=? AND key=?", (kind, key))
             else:
@@ -723,7 +730,8 @@ class Cache:
         """Finish the work of processes that died mid-change: each key they were changing is
         re-read from disk. Also removes their half-built entries. Returns how many keys."""
         dead = []
-        for ident, op, kind, key, ino, owner in self.db.execute("SELECT id, op, type, key, ino, owner FROM intents").fetchall():
+        intents = self.db.execute("SELECT id, op, type, key, ino, owner FROM intents").fetchall()
+        for ident, op, kind, key, ino, owner in intents:
             pid, _, start = owner.partition(":")
             token = _process_token(int(pid)) if pid.isdigit() else None
             if token != owner:
@@ -782,7 +790,8 @@ class Cache:
             now = self.clock()
             providers = state.setdefault("providers", {})
             record = providers.setdefault(provider, {})
-            recent = sorted(t for t in (parse_time(x) for x in record.get("requests", [])) if t is not None and t > now - per_seconds)
+            times = (parse_time(x) for x in record.get("requests", []))
+            recent = sorted(t for t in times if t is not None and t > now - per_seconds)
             allowed = len(recent) < limit
             wait = 0.0 if allowed else max(0.0, recent[len(recent) - limit] + per_seconds - now)
             if allowed:

@@ -139,7 +139,8 @@ class CacheView:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if len(parts) == 0 and text not in (*TYPES, RATE_LIMITS):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if len(parts) >= 3 or (len(parts) == 1 and parts[0] == RATE_LIMITS) or (len(parts) == 2 and parts[1] == INDEX_JSON):
+        generated = (len(parts) == 1 and parts[0] == RATE_LIMITS) or (len(parts) == 2 and parts[1] == INDEX_JSON)
+        if len(parts) >= 3 or generated:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         child = (*parts, text)
         st = await self.workers.run(self._stat, child)

@@ -402,7 +402,8 @@ class Filesystem(pyfuse3.Operations):
     async def statfs(self, ctx):
         sv = os.statvfs(self.store.root_fd)
         data = pyfuse3.StatvfsData()
-        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail", "f_namemax"):
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
+                     "f_namemax"):
             setattr(data, attr, getattr(sv, attr))
         return data
 
