@@ -8,18 +8,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import msgspec
 
 from fusestore.engine import config as config_mod
 from fusestore.engine import layout, schemas
+from fusestore.engine.jsontext import pretty
 from fusestore.trees import TreeWriter, find_tree, mount_of
 
 
 def _document(data: dict) -> bytes:
-    return json.dumps(data, indent=2, ensure_ascii=False).encode() + b"\n"
+    return pretty(data)
 
 
 def new_project(root: str, name: str | None = None, parent: str = layout.DEFAULT_PARENT) -> str:

@@ -263,8 +263,8 @@ def test_check_on_an_unmounted_tree_reports_and_quarantines_leftover_stages(make
     staged.write_text('{"half": ')
     report = json.loads(fusestore("check", str(m.backing), "--json", check=False).stdout)
     assert report["ok"] is False
-    staged = [f["path"] for f in report["findings"] if f["kind"] == "staged"]
-    assert staged == [f"public/projects/{project_id}/scripts/x.json"]
+    found = [f["path"] for f in report["findings"] if f["kind"] == "staged"]
+    assert found == [f"public/projects/{project_id}/scripts/x.json"]
     repaired = fusestore("check", str(m.backing), "--repair")
     assert "moved to the quarantine" in repaired.stdout
     assert not staged.exists() and len(m.quarantine) == 1

@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import msgspec
@@ -48,6 +46,7 @@ from fusestore.engine import procs
 from fusestore.engine.config import Cache as CacheConfig
 from fusestore.engine.errors import FusestoreError
 from fusestore.engine.jskey import cache_key
+from fusestore.engine.jsontext import pretty
 from fusestore.engine.paths import (
     DIR_FLAGS,
     RENAME_EXCHANGE,
@@ -56,6 +55,7 @@ from fusestore.engine.paths import (
     renameat2,
 )
 from fusestore.engine.state import STATE_NAME
+from fusestore.engine.validate import check
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,15 @@ class CacheError(FusestoreError):
     """A cache request that cannot be carried out; the message says why."""
 
 
-@dataclass(frozen=True)
-class Entry:
+class InvalidMetadata(CacheError):
+    """A metadata.json written by a program that is not a JSON object; `reason` says where."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Entry(msgspec.Struct, frozen=True):
     """A cached item: `path` is its data file."""
 
     type: str
@@ -117,8 +124,7 @@ class Entry:
                                 "path": self.path}
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(msgspec.Struct, frozen=True):
     """The answer of `acquire`: whether the call may go ahead now, and when the next slot opens
     (seconds from now; 0 when allowed)."""
 
@@ -379,7 +385,7 @@ class Cache:
 
     def metadata_json(self, entry: Entry) -> bytes:
         """The entry's metadata.json as the mount shows it: as written, with current usage."""
-        return json.dumps(entry.metadata, indent=2).encode() + b"\n"
+        return pretty(entry.metadata)
 
     def index_json(self, kind: str) -> bytes:
         """The generated `<type>/index.json`: every live entry of the type."""
@@ -387,7 +393,7 @@ class Cache:
                          "cachedAt": iso(e.cached_at), "expiresAt": iso(e.expires_at),
                          "usageCount": e.usage_count, "lastUsedAt": iso(e.last_used_at)}
                  for e in self.entries(kind)}
-        return json.dumps({"type": kind, "entries": items}, indent=1).encode() + b"\n"
+        return pretty({"type": kind, "entries": items}, indent=1)
 
     def stats(self) -> CacheStats:
         types = {kind: TypeStats() for kind in TYPES}
@@ -406,8 +412,8 @@ class Cache:
     def _entry(self, row: tuple) -> Entry:
         kind, key, file, size, _ino, cached_at, expires_at, usage, last_used, _lru, meta = row
         try:
-            metadata = json.loads(meta)
-        except ValueError:
+            metadata = msgspec.json.decode(meta)
+        except msgspec.DecodeError:
             metadata = {}
         metadata.update(type=kind, key=key, file=file, cachedAt=iso(cached_at), expiresAt=iso(expires_at),
                         usageCount=usage, lastUsedAt=iso(last_used))
@@ -473,6 +479,52 @@ class Cache:
 
         return self._build(kind, key, file, fill, dict(metadata))
 
+    # -- drafts: the files programs write for an entry (the mount's `.cache` view) -----------
+
+    def draft(self, content: bytes | int | None = None) -> Draft:
+        """A new file in `.tmp/` for an entry's data or metadata: empty, holding `content`
+        (bytes), or a copy of the open file `content` (reflinked where the filesystem can). Its
+        name starts with this process's pid, so `recover` removes it if the process dies."""
+        name = f"{os.getpid()}-{uuid.uuid4().hex}"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=self._tmp_fd)
+        draft = Draft(name, fd)
+        try:
+            if isinstance(content, bytes):
+                os.write(fd, content)
+            elif isinstance(content, int):
+                clone_or_copy(content, fd)
+        except BaseException:
+            self.discard(draft)
+            raise
+        return draft
+
+    def publish(self, draft: Draft, kind: str, key: str, file: str, metadata: Mapping[str, Any]) -> Entry:
+        """Make the draft, fsynced here, the data file `file` of entry `key` (inserted or
+        replaced, evicting as needed). The draft stays open; its file is the entry's now."""
+        os.fsync(draft.fd)
+        return self.put_file(kind, key, file, self._tmp_fd, draft.name, metadata)
+
+    def discard(self, draft: Draft) -> None:
+        """Close the draft and remove its name; an entry it became keeps its own link."""
+        os.close(draft.fd)
+        try:
+            os.unlink(draft.name, dir_fd=self._tmp_fd)
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def read_metadata(fd: int) -> dict:
+        """The fields of the metadata.json in `fd`: one JSON object (validated as the tree's
+        JSON is, then decoded once). Raises InvalidMetadata."""
+        reason = check("json", fd)
+        if reason is None:
+            value = msgspec.json.decode(os.pread(fd, os.fstat(fd).st_size, 0))
+            if isinstance(value, dict):
+                return value
+            reason = "metadata.json must be a JSON object"
+        raise InvalidMetadata(reason)
+
     def _build(self, kind: str, key: str, file: str, fill: Callable[[int], None], metadata: dict,
                keep_times: Entry | None = None) -> Entry:
         build = self._new_build()
@@ -517,7 +569,7 @@ class Cache:
         metadata.update(cachedAt=iso(cached_at), expiresAt=iso(expires_at), usageCount=0, lastUsedAt=None)
         if keep_times:
             metadata.update(usageCount=keep_times.usage_count, lastUsedAt=iso(keep_times.last_used_at))
-        text = json.dumps(metadata, indent=2).encode() + b"\n"
+        text = pretty(metadata)
         fd = os.open(METADATA, _NEW_FILE, 0o644, dir_fd=build.fd)
         try:
             os.write(fd, text)
@@ -543,7 +595,7 @@ class Cache:
             else:
                 build.published = True
             row = (kind, key, file, size, ino, cached_at, expires_at, usage, last_used, last_used or cached_at,
-                   json.dumps(stored))
+                   msgspec.json.encode(stored).decode())
             db.execute("INSERT OR REPLACE INTO entries VALUES(?,?,?,?,?,?,?,?,?,?,?)", row)
             db.execute("DELETE FROM intents WHERE id=?", (intent,))
             # A retired directory of this key is gone now (trashed already, or exchanged into our
@@ -686,8 +738,8 @@ class Cache:
             finally:
                 os.close(mfd)
             try:
-                meta = json.loads(meta_bytes)
-            except ValueError:
+                meta = msgspec.json.decode(meta_bytes)
+            except msgspec.DecodeError:
                 log.warning("cache: %s/%s has a damaged metadata.json; it is not served", kind, key)
                 return None
             if not isinstance(meta, dict):
@@ -705,7 +757,7 @@ class Cache:
             last_used = parse_time(meta.get("lastUsedAt"))
             stored = {k: v for k, v in meta.items() if k not in ("usageCount", "lastUsedAt")}
             return (kind, key, file, size, ino, cached_at, expires_at, usage, last_used,
-                    last_used or cached_at, json.dumps(stored))
+                    last_used or cached_at, msgspec.json.encode(stored).decode())
         finally:
             os.close(fd)
 
@@ -810,8 +862,8 @@ class Cache:
             return {}
         try:
             with os.fdopen(fd, "rb", closefd=False) as f:
-                state = json.loads(f.read())
-        except ValueError:
+                state = msgspec.json.decode(f.read())
+        except msgspec.DecodeError:
             log.warning("cache: %s is damaged; rate limits start afresh", RATE_LIMITS)
             return {}
         finally:
@@ -822,7 +874,7 @@ class Cache:
         tmp = f"{_TMP}/{os.getpid()}-{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
         try:
-            os.write(fd, json.dumps(state, indent=2).encode() + b"\n")
+            os.write(fd, pretty(state))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -830,7 +882,16 @@ class Cache:
         os.fsync(self.fd)
 
     def rate_limits_json(self) -> bytes:
-        return json.dumps(self._read_rate_limits(), indent=2).encode() + b"\n"
+        return pretty(self._read_rate_limits())
+
+
+class Draft:
+    """A file being written for an entry, in the cache's `.tmp/` (`Cache.draft`)."""
+
+    __slots__ = ("name", "fd")
+
+    def __init__(self, name: str, fd: int):
+        self.name, self.fd = name, fd
 
 
 class _Build:

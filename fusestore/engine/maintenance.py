@@ -7,7 +7,6 @@ backup and the change can be undone with `fusestore restore`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
@@ -18,6 +17,7 @@ import msgspec
 
 from fusestore.engine import layout, schemas
 from fusestore.engine.cache import Cache, directory
+from fusestore.engine.jsontext import pretty
 from fusestore.engine.layout import project_of
 from fusestore.engine.state import BACKUPS_NAME, CACHE_NAME, STATE_NAME
 from fusestore.engine.store import Rejected, Store
@@ -136,7 +136,7 @@ def repair(report: Report, writer, store: Store) -> Report:
             project = project_of(finding.path)
             if gen is None and finding.kind == MISSING and project and finding.path[len(project) + 1:] in layout.TOPICS:
                 # A stage the pipeline has not reached yet: the empty document a new project has.
-                gen = 0, json.dumps(layout.empty_topics(), indent=2).encode() + b"\n"
+                gen = 0, pretty(layout.empty_topics())
             if gen is None:
                 result.append(Finding(finding.kind, finding.path, finding.detail + "; no valid backup to restore"))
                 continue
@@ -201,15 +201,15 @@ def migrate(store: Store, writer, dry_run: bool, progress: Callable[[int, int], 
             progress(i, len(todo))
         error = None
         try:
-            migrated = schemas.MIGRATIONS.migrate(doc_type, json.loads(data))
-            encoded = json.dumps(migrated, indent=2, ensure_ascii=False).encode() + b"\n"
+            migrated = schemas.MIGRATIONS.migrate(doc_type, msgspec.json.decode(data))
+            encoded = pretty(migrated)
             reason = schemas.check(doc_type, encoded)
             if reason is not None:
                 raise ValueError(reason)
             if not dry_run:
                 writer.write(relpath, encoded)
                 log.info("migrated %s from %s to %s", relpath, old, schemas.CURRENT)
-        except (ValueError, Rejected, OSError) as e:
+        except (ValueError, msgspec.DecodeError, Rejected, OSError) as e:
             error = str(e)
             log.warning("could not migrate %s from %s: %s", relpath, old, error)
         results.append(Migration(relpath, doc_type, old, schemas.CURRENT, error))

@@ -14,7 +14,6 @@ Versions compare numerically, component by component ("1.10" is newer than "1.9"
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import msgspec
@@ -172,12 +171,12 @@ TYPES: dict[str, type[Doc]] = {
 # -- migrations ---------------------------------------------------------------------------------
 
 
-@dataclass
 class Registry:
     """Migrations per document type, each from one version to the next."""
 
-    current: str = CURRENT
-    steps: dict[str, dict[tuple[int, ...], tuple[str, Callable[[dict], dict]]]] = field(default_factory=dict)
+    def __init__(self, current: str = CURRENT):
+        self.current = current
+        self.steps: dict[str, dict[tuple[int, ...], tuple[str, Callable[[dict], dict]]]] = {}
 
     def register(self, doc_type: str, source: str, target: str) -> Callable:
         if version_key(target) <= version_key(source):

@@ -28,7 +28,6 @@ import os
 import stat
 import time
 import urllib.parse
-from dataclasses import dataclass, field
 
 import msgspec
 
@@ -86,13 +85,12 @@ class Rejection(msgspec.Struct, frozen=True):
     quarantined: str | None
 
 
-@dataclass
-class Stats:
+class Stats(msgspec.Struct):
     commits: int = 0
     rejections: int = 0
     quarantined: int = 0
     backups_kept: int = 0
-    recent_rejections: list[Rejection] = field(default_factory=list)
+    recent_rejections: list[Rejection] = []
 
 
 class Stage:

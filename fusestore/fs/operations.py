@@ -109,7 +109,7 @@ class Filesystem(pyfuse3.Operations):
         self.files = Files(store, self.inodes, self.workers, self._invalidate_attrs, self._drop_names_of,
                            options.page_cache)
         self.backups_view = BackupsView(store.backups)
-        self.cache_view = CacheView(cache, store, self.workers)
+        self.cache_view = CacheView(cache, store.rejected, self.workers)
         self.links = self.inodes.links
 
     # -- helpers ---------------------------------------------------------------------------
