@@ -33,6 +33,7 @@ def fs(tmp_path, monkeypatch):
     store = Store(str(tmp_path), config.Config())
     cache = cache_mod.Cache(cache_mod.directory(str(tmp_path), config.Config().cache), config.Config().cache)
     f = Filesystem(store, Options(page_cache=True), cache)
+    f.cache = cache
     f.told = told
     f.backing = tmp_path
     yield f
@@ -186,3 +187,24 @@ async def test_access_refuses_execute_without_an_execute_bit(fs):
     assert await fs.access(ino, os.R_OK | os.W_OK, CTX)
     assert await errno_of(fs.access(ino, os.X_OK, CTX)) == errno.EACCES
     assert await fs.access(ROOT_INODE, os.X_OK, CTX)
+
+
+async def test_reading_a_cache_entry_costs_one_index_lookup_and_counts_one_use(fs, monkeypatch):
+    entry = fs.cache.put("https://example.com/a.mp3", b"audio bytes", file="data.mp3")
+    lookups = []
+    lookup = fs.cache.lookup
+    monkeypatch.setattr(fs.cache, "lookup", lambda *a, **kw: lookups.append(a) or lookup(*a, **kw))
+    # What the kernel sends for `cat .cache/media/KEY/data.mp3`: a lookup per component (the
+    # entry's get attribute timeout 0, as entries come and go), the open, getattrs, the reads.
+    ino = ROOT_INODE
+    for name in (b".cache", b"media", entry.key.encode(), b"data.mp3"):
+        ino = (await fs.lookup(ino, name, CTX)).st_ino
+    fh = (await fs.open(ino, R, CTX)).fh
+    assert (await fs.getattr(ino, CTX)).st_size == 11
+    assert await fs.read(fh, 0, 100) == b"audio bytes"
+    await fs.release(fh)
+    assert len(lookups) == 1
+    assert fs.cache.lookup(entry.type, entry.key, use=False).usage_count == 1
+    # A change to the index (here by the engine, as another process would) is seen at once.
+    fs.cache.put("https://example.com/a.mp3", b"other", file="data.mp3")
+    assert (await fs.getattr(ino, CTX)).st_size == 5

@@ -233,6 +233,7 @@ class Cache:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._version_db: sqlite3.Connection | None = None  # index_version's, never writes
         self.owner = _process_token(os.getpid()) or str(os.getpid())
         self._open_index(verify)
         self.recover()
@@ -297,6 +298,7 @@ class Cache:
             for db in self._connections:
                 db.close()
             self._connections.clear()
+            self._version_db = None
         self._local = threading.local()
         for suffix in ("", "-wal", "-shm"):
             try:
@@ -321,6 +323,15 @@ class Cache:
             finally:
                 if not self.durable:
                     self.db.execute("PRAGMA synchronous=FULL")
+
+    def index_version(self) -> int:
+        """A number that changes whenever a change to the index is committed, by this process
+        or another: SQLite's data_version, asked on a connection of its own that never writes."""
+        with self._connections_lock:
+            if self._version_db is None:
+                self._version_db = self._connect()
+                self._connections.append(self._version_db)
+            return self._version_db.execute("PRAGMA data_version").fetchone()[0]
 
     def _write(self, durable: bool = True) -> "Cache._Transaction":
         """A write transaction; other processes' writers wait for it (readers never do)."""
@@ -361,6 +372,24 @@ class Cache:
             fresh = self.db.execute("SELECT * FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
             entry = self._entry(fresh or row)
         return entry
+
+    def use(self, entry: Entry) -> Entry | None:
+        """Count a use (LRU) and a hit of `entry`, found by an earlier lookup, and return it as
+        it is now; None when it was replaced or removed since (look it up again)."""
+        now = self.clock()
+        if entry.expires_at <= now:
+            return None
+        with self._write(durable=False) as db:
+            changed = db.execute("UPDATE entries SET usage_count=usage_count+1, last_used_at=?, lru=? "
+                                 "WHERE type=? AND key=? AND cached_at=? AND file=?",
+                                 (now, now, entry.type, entry.key, entry.cached_at, entry.file)).rowcount
+            if changed:
+                self._count(db, entry.type, "hits")
+        if not changed:
+            return None
+        usage = entry.usage_count + 1
+        metadata = entry.metadata | {"usageCount": usage, "lastUsedAt": iso(now)}
+        return msgspec.structs.replace(entry, usage_count=usage, last_used_at=now, metadata=metadata)
 
     def get(self, url: str, params: Mapping[str, Any] | None = None, type: str = "media") -> Entry | None:
         """The entry cached for `url` and `params`, counted as a use; None on a miss."""
