@@ -300,10 +300,13 @@ def test_read_only_shared_maps_keep_their_version_while_the_file_is_rewritten(mo
     assert [e.inode() for e in os.scandir(mount.mnt) if e.name == "s.bin"] == [ino]
 
 
-def test_without_the_page_cache_shared_maps_of_committed_files_are_refused(make_mount):
+@pytest.mark.parametrize("how", ["option", "config"])
+def test_without_the_page_cache_shared_maps_of_committed_files_are_refused(make_mount, tree, how):
     import mmap
 
-    mount = make_mount(["page_cache=off"])
+    if how == "config":
+        (tree[0] / "fusestore.toml").write_text("[mount]\npage_cache = false\n")
+    mount = make_mount(["page_cache=off"] if how == "option" else [])
     (mount / "c.bin").write_bytes(b"C" * 100)
     with open(mount / "c.bin", "rb") as f:
         assert errno_of(mmap.mmap, f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) == errno.ENODEV
