@@ -20,15 +20,7 @@ import time
 from typing import Callable
 
 from fusestore.engine import config as config_mod
-from fusestore.engine.cache import (
-    TYPES,
-    Cache,
-    CacheError,
-    CacheStats,
-    Entry,
-    Slot,
-    directory,
-)
+from fusestore.engine.cache import TYPES, Cache, CacheError, CacheStats, Entry, Slot, directory
 from fusestore.engine.jskey import cache_key
 from fusestore.trees import find_tree
 

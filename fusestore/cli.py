@@ -22,13 +22,7 @@ from fusestore.engine.jskey import cache_key
 from fusestore.engine.paths import one_line
 from fusestore.engine.state import STATE_NAME
 from fusestore.engine.store import Rejected, Store
-from fusestore.trees import (
-    TreeWriter,
-    find_tree,
-    fusestore_mounts,
-    mount_of,
-    tree_above,
-)
+from fusestore.trees import TreeWriter, find_tree, fusestore_mounts, mount_of, tree_above
 
 
 class CommandError(FusestoreError):

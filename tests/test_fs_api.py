@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 import types
 
@@ -191,9 +192,9 @@ async def test_access_refuses_execute_without_an_execute_bit(fs):
 
 async def test_reading_a_cache_entry_costs_one_index_lookup_and_counts_one_use(fs, monkeypatch):
     entry = fs.cache.put("https://example.com/a.mp3", b"audio bytes", file="data.mp3")
-    lookups = []
-    lookup = fs.cache.lookup
-    monkeypatch.setattr(fs.cache, "lookup", lambda *a, **kw: lookups.append(a) or lookup(*a, **kw))
+    reads = []
+    select = fs.cache._select_row
+    monkeypatch.setattr(fs.cache, "_select_row", lambda *a: reads.append(a) or select(*a))
     # What the kernel sends for `cat .cache/media/KEY/data.mp3`: a lookup per component (the
     # entry's get attribute timeout 0, as entries come and go), the open, getattrs, the reads.
     ino = ROOT_INODE
@@ -203,8 +204,16 @@ async def test_reading_a_cache_entry_costs_one_index_lookup_and_counts_one_use(f
     assert (await fs.getattr(ino, CTX)).st_size == 11
     assert await fs.read(fh, 0, 100) == b"audio bytes"
     await fs.release(fh)
-    assert len(lookups) == 1
+    assert len(reads) == 1
     assert fs.cache.lookup(entry.type, entry.key, use=False).usage_count == 1
     # A change to the index (here by the engine, as another process would) is seen at once.
     fs.cache.put("https://example.com/a.mp3", b"other", file="data.mp3")
     assert (await fs.getattr(ino, CTX)).st_size == 5
+    # So is an entry removed on disk behind the index, and an entry's expiry.
+    shutil.rmtree(os.path.join(fs.cache.dir, entry.type, entry.key))
+    assert await errno_of(fs.getattr(ino, CTX)) == errno.ENOENT
+    fs.cache.put("https://example.com/a.mp3", b"again", file="data.mp3")
+    assert (await fs.getattr(ino, CTX)).st_size == 5
+    now = fs.cache.clock()
+    monkeypatch.setattr(fs.cache, "clock", lambda: now + 366 * 86400)
+    assert await errno_of(fs.getattr(ino, CTX)) == errno.ENOENT

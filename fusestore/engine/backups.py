@@ -21,13 +21,7 @@ from typing import Callable
 
 import msgspec
 
-from fusestore.engine.paths import (
-    RENAME_NOREPLACE,
-    clone_or_copy,
-    components,
-    open_dir,
-    renameat2,
-)
+from fusestore.engine.paths import RENAME_NOREPLACE, clone_or_copy, components, open_dir, renameat2
 
 
 class Generation(msgspec.Struct, frozen=True):

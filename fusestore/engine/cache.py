@@ -47,13 +47,7 @@ from fusestore.engine.config import Cache as CacheConfig
 from fusestore.engine.errors import FusestoreError
 from fusestore.engine.jskey import cache_key
 from fusestore.engine.jsontext import pretty
-from fusestore.engine.paths import (
-    DIR_FLAGS,
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    clone_or_copy,
-    renameat2,
-)
+from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE, clone_or_copy, renameat2
 from fusestore.engine.state import STATE_NAME
 from fusestore.engine.validate import check
 
@@ -204,6 +198,12 @@ def _check_file(name: str) -> str:
     return name
 
 
+def _own_name() -> str:
+    """A fresh name in `.tmp/` or `.trash/`: it starts with this process's pid, so `recover`
+    removes what a process that died left there."""
+    return f"{os.getpid()}-{uuid.uuid4().hex}"
+
+
 def _process_token(pid: int) -> str | None:
     """pid and start time: names a process uniquely even after its pid is reused."""
     started = procs.start_time(pid)
@@ -234,6 +234,8 @@ class Cache:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._version_db: sqlite3.Connection | None = None  # index_version's, never writes
+        # Index rows as last read or written here, with the index version then (`_row`).
+        self._rows: dict[tuple[str, str], tuple[int, tuple | None]] = {}
         self.owner = _process_token(os.getpid()) or str(os.getpid())
         self._open_index(verify)
         self.recover()
@@ -299,6 +301,7 @@ class Cache:
                 db.close()
             self._connections.clear()
             self._version_db = None
+            self._rows.clear()
         self._local = threading.local()
         for suffix in ("", "-wal", "-shm"):
             try:
@@ -349,7 +352,7 @@ class Cache:
         as a use (LRU) and a hit; a miss counts as a miss."""
         _check_type(kind)
         _check_key(key)
-        row = self.db.execute("SELECT * FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
+        row = self._row(kind, key)
         if row is not None and not self._row_matches_disk(kind, key, row):
             row = self._reconcile(kind, key)
         elif row is None and self._exists_on_disk(kind, key):
@@ -363,33 +366,36 @@ class Cache:
                 with self._write(durable=False) as db:
                     self._count(db, kind, "misses")
             return None
-        entry = self._entry(row)
         if use:
             with self._write(durable=False) as db:
-                db.execute("UPDATE entries SET usage_count=usage_count+1, last_used_at=?, lru=? WHERE type=? AND key=?",
-                           (now, now, kind, key))
+                fresh = db.execute("UPDATE entries SET usage_count=usage_count+1, last_used_at=?, lru=? "
+                                   "WHERE type=? AND key=? RETURNING *", (now, now, kind, key)).fetchone()
                 self._count(db, kind, "hits")
-            fresh = self.db.execute("SELECT * FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
-            entry = self._entry(fresh or row)
-        return entry
+            if fresh is not None:
+                row = fresh
+                self._remember(kind, key, row)  # our own change: no need to read it back
+        return self._entry(row)
 
-    def use(self, entry: Entry) -> Entry | None:
-        """Count a use (LRU) and a hit of `entry`, found by an earlier lookup, and return it as
-        it is now; None when it was replaced or removed since (look it up again)."""
-        now = self.clock()
-        if entry.expires_at <= now:
-            return None
-        with self._write(durable=False) as db:
-            changed = db.execute("UPDATE entries SET usage_count=usage_count+1, last_used_at=?, lru=? "
-                                 "WHERE type=? AND key=? AND cached_at=? AND file=?",
-                                 (now, now, entry.type, entry.key, entry.cached_at, entry.file)).rowcount
-            if changed:
-                self._count(db, entry.type, "hits")
-        if not changed:
-            return None
-        usage = entry.usage_count + 1
-        metadata = entry.metadata | {"usageCount": usage, "lastUsedAt": iso(now)}
-        return msgspec.structs.replace(entry, usage_count=usage, last_used_at=now, metadata=metadata)
+    def _row(self, kind: str, key: str) -> tuple | None:
+        """The index row of `key`: as read or written here before while the index has not
+        changed since (by this process or another), else read now. The kernel's lookups of an
+        entry and of its file, the open and the getattrs of one `cat` through the mount then
+        read the index once; what `lookup` checks on disk it checks on every call."""
+        version = self.index_version()  # before the read: a change meanwhile makes it stale
+        found = self._rows.get((kind, key))
+        if found is not None and found[0] == version:
+            return found[1]
+        row = self._select_row(kind, key)
+        self._remember(kind, key, row, version)
+        return row
+
+    def _select_row(self, kind: str, key: str) -> tuple | None:
+        return self.db.execute("SELECT * FROM entries WHERE type=? AND key=?", (kind, key)).fetchone()
+
+    def _remember(self, kind: str, key: str, row: tuple | None, version: int | None = None) -> None:
+        if len(self._rows) > 4096:
+            self._rows.clear()
+        self._rows[(kind, key)] = (self.index_version() if version is None else version, row)
 
     def get(self, url: str, params: Mapping[str, Any] | None = None, type: str = "media") -> Entry | None:
         """The entry cached for `url` and `params`, counted as a use; None on a miss."""
@@ -512,9 +518,8 @@ class Cache:
 
     def draft(self, content: bytes | int | None = None) -> Draft:
         """A new file in `.tmp/` for an entry's data or metadata: empty, holding `content`
-        (bytes), or a copy of the open file `content` (reflinked where the filesystem can). Its
-        name starts with this process's pid, so `recover` removes it if the process dies."""
-        name = f"{os.getpid()}-{uuid.uuid4().hex}"
+        (bytes), or a copy of the open file `content` (reflinked where the filesystem can)."""
+        name = _own_name()
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                      dir_fd=self._tmp_fd)
         draft = Draft(name, fd)
@@ -583,7 +588,7 @@ class Cache:
         return self._build(kind, key, current.file, fill, metadata, keep_times=current)
 
     def _new_build(self) -> "_Build":
-        name = f"{os.getpid()}-{uuid.uuid4().hex}"
+        name = _own_name()
         os.mkdir(name, 0o755, dir_fd=self._tmp_fd)
         return _Build(self, name, os.open(name, DIR_FLAGS, dir_fd=self._tmp_fd))
 
@@ -686,7 +691,7 @@ class Cache:
         try:
             if ino is not None and os.stat(key, dir_fd=type_fd, follow_symlinks=False).st_ino != ino:
                 return  # a newer entry took the key: it stays
-            renameat2(type_fd, key, self._trash_fd, f"{os.getpid()}-{uuid.uuid4().hex}")
+            renameat2(type_fd, key, self._trash_fd, _own_name())
         except FileNotFoundError:
             pass
 
@@ -900,7 +905,7 @@ class Cache:
         return state if isinstance(state, dict) else {}
 
     def _write_rate_limits(self, state: dict) -> None:
-        tmp = f"{_TMP}/{os.getpid()}-{uuid.uuid4().hex}"
+        tmp = f"{_TMP}/{_own_name()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
         try:
             os.write(fd, pretty(state))

@@ -34,14 +34,7 @@ import msgspec
 from fusestore.engine import config as config_mod
 from fusestore.engine import layout, validate
 from fusestore.engine.backups import Backups
-from fusestore.engine.paths import (
-    DIR_FLAGS,
-    RENAME_NOREPLACE,
-    clone_or_copy,
-    components,
-    open_dir,
-    renameat2,
-)
+from fusestore.engine.paths import DIR_FLAGS, RENAME_NOREPLACE, clone_or_copy, components, open_dir, renameat2
 from fusestore.engine.state import StateDir
 
 log = logging.getLogger(__name__)

@@ -118,10 +118,6 @@ class CacheView:
         self.started_ns = time.time_ns()
         self.pending: dict[tuple[str, str], dict | None] = {}  # made with mkdir, no entry yet
         self.writing: dict[Place, CacheWriter] = {}  # files open for writing
-        # Entries (or None) as last looked up, with the index version they were read at: the
-        # kernel's lookups of an entry and its file, the open and the getattrs that follow (no
-        # attribute caching for entries: they change) then cost one index lookup.
-        self._found: dict[tuple[str, str], tuple[int, Entry | None]] = {}
 
     # -- names and attributes -------------------------------------------------------------
 
@@ -148,31 +144,8 @@ class CacheView:
     async def stat(self, node: VirtualNode) -> Attrs:
         return await self.workers.run(self._stat, place_of(node))
 
-    def _find(self, place: Place, use: bool = False) -> Entry | None:
-        """The live entry at `place` (a use of it with `use`): as found before while the index
-        has not changed since, else looked up."""
-        key = (place.top, place.key)
-        found = self._found.get(key)
-        entry: Entry | None = None
-        if found is not None and found[0] == self.cache.index_version() and (
-                found[1] is None or found[1].expires_at > self.cache.clock()):
-            entry = found[1]
-            if use and entry is not None:
-                entry = self.cache.use(entry)  # None if replaced or removed meanwhile
-                found = None if entry is None else found
-            elif use:
-                found = None  # a miss to count
-        else:
-            found = None
-        if found is None:
-            entry = self.cache.lookup(place.top, place.key, use=use)
-        if len(self._found) > 4096:
-            self._found.clear()
-        self._found[key] = (self.cache.index_version(), entry)
-        return entry
-
     def _entry(self, place: Place, use: bool = False) -> Entry:
-        entry = self._find(place, use)
+        entry = self.cache.lookup(place.top, place.key, use=use)
         if entry is None:
             raise FileNotFoundError(errno.ENOENT, "no such entry")
         return entry
@@ -185,7 +158,7 @@ class CacheView:
         if place.key == INDEX_JSON:
             return self._attrs(_GENERATED, len(self.cache.index_json(place.top)))
         if place.is_entry_dir:
-            entry = self._find(place)
+            entry = self.cache.lookup(place.top, place.key, use=False)
             if entry is None and (place.top, place.key) not in self.pending:
                 raise FileNotFoundError(errno.ENOENT, "no such entry")
             return self._attrs(_DIR, 0, int(entry.cached_at * 1e9) if entry else None)
@@ -226,7 +199,7 @@ class CacheView:
             keys = {e.key for e in self.cache.entries(place.top)}
             keys.update(k for kind, k in self.pending if kind == place.top)
             return [INDEX_JSON.encode()] + [k.encode() for k in sorted(keys)]
-        entry = self._find(place)
+        entry = self.cache.lookup(place.top, place.key, use=False)
         return [] if entry is None else [os.fsencode(entry.file), METADATA.encode()]
 
     # -- reading ----------------------------------------------------------------------------

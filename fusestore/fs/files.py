@@ -436,9 +436,9 @@ class Files:
     INLINE_BYTES = 64 << 10
     INLINE_SECONDS = 0.002
 
-    async def _run_commit(self, *args) -> os.stat_result | None:
-        """`_commit_and_invalidate(*args)`, inline or in a worker."""
-        stage = args[1]
+    async def _run_commit(self, ino: int, stage: Stage, *args) -> os.stat_result | None:
+        """`_commit_and_invalidate(ino, stage, *args)`, inline or in a worker."""
+        args = (ino, stage, *args)
         inline = (len(self._written) <= 1 and self._committing == 0 and self._commit_seconds < self.INLINE_SECONDS
                   and os.fstat(stage.fd).st_size <= self.INLINE_BYTES)
         if inline:

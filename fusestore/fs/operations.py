@@ -21,24 +21,13 @@ import pyfuse3
 import trio
 
 from fusestore.engine.cache import Cache, CacheError
-from fusestore.engine.paths import (
-    DIR_FLAGS,
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    renameat2,
-)
+from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from fusestore.engine.state import STATE_NAME
 from fusestore.engine.store import Rejected, Store
 from fusestore.fs.cacheview import CacheReader, CacheView, CacheWriter
 from fusestore.fs.files import Files, Handle, readable_location, version_key
 from fusestore.fs.nodes import ROOT_INODE, InodeTable, Node, VirtualNode
-from fusestore.fs.virtual import (
-    BACKUPS_NAME,
-    CACHE_NAME,
-    Attrs,
-    BackupsView,
-    GenerationReader,
-)
+from fusestore.fs.virtual import BACKUPS_NAME, CACHE_NAME, Attrs, BackupsView, GenerationReader
 from fusestore.fs.workers import Workers
 
 log = logging.getLogger(__name__)
