@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import random
 
 import pytest
 
@@ -163,6 +165,42 @@ def test_config_rules_match_globs():
     assert cfg.rule_for("projects/p1/a.json").validate == "json"
     assert cfg.rule_for("p/logs/errors.log").mode == "append"
     assert cfg.rule_for("video.mp4").validate == "none"
+
+
+def _fnmatch_rule(rules, relpath):
+    """The rule semantics spelled with fnmatch, one rule at a time: the oracle for the one
+    compiled expression that `rule_for` uses."""
+    parts = relpath.split("/")
+    for rule in rules:
+        if rule.glob.startswith("**/"):
+            tail = rule.glob[3:].split("/")
+            hit = len(parts) >= len(tail) and all(
+                fnmatch.fnmatchcase(p, t) for p, t in zip(parts[len(parts) - len(tail):], tail))
+        elif "/" in rule.glob:
+            hit = fnmatch.fnmatchcase(relpath, rule.glob)
+        else:
+            hit = fnmatch.fnmatchcase(parts[-1], rule.glob)
+        if hit:
+            return rule
+    return config.DEFAULT_RULES[-1]
+
+
+def test_rule_for_agrees_with_fnmatch_on_random_globs_and_paths():
+    rng = random.Random(5)
+    atoms = ["a", "b", "x.json", "*", "?", "[ab]", "[!a]", "[a-c]", "[]]", "[", ".", "-", "\n", "*.json", "project-*"]
+
+    def glob(with_slash):
+        parts = ["".join(rng.choice(atoms) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))]
+        text = "/".join(parts) if with_slash else parts[0]
+        return ("**/" + text) if with_slash and rng.random() < 0.5 else text
+
+    names = ["a", "b", "ab", "x.json", "project-1", "c]", "[", "a\nb", "-", ".", "ba.json", "a.json"]
+    for _ in range(60):
+        rules = tuple(config.Rule(glob=glob(rng.random() < 0.6)) for _ in range(rng.randint(1, 5)))
+        cfg = config.Config(rules=rules)
+        for _ in range(40):
+            relpath = "/".join(rng.choice(names) for _ in range(rng.randint(1, 4)))
+            assert cfg.rule_for(relpath) is _fnmatch_rule(rules + config.DEFAULT_RULES, relpath), (rules, relpath)
 
 
 def test_backups_stay_within_their_byte_budget_oldest_first(tmp_path):

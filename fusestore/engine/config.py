@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import re
 import tomllib
 from typing import Literal
 
@@ -24,11 +25,6 @@ CONFIG_NAME = "fusestore.toml"
 
 class ConfigError(FusestoreError):
     """The configuration file cannot be used; the message names the file and the key."""
-
-
-@functools.lru_cache(maxsize=None)
-def _tail(glob: str) -> tuple[str, ...]:
-    return tuple(glob[3:].split("/"))
 
 
 class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -54,16 +50,50 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             if self.validate != "json":
                 object.__setattr__(self, "validate", "json")
 
-    def matches(self, relpath: str) -> bool:
+    def regex(self) -> str:
+        """A regular expression for the relative paths this rule matches."""
         if self.glob.startswith("**/"):
-            tail = _tail(self.glob)
-            parts = relpath.split("/")
-            # From the file name up: most paths fail on their last component.
-            return len(parts) >= len(tail) and all(
-                fnmatch.fnmatchcase(part, pattern) for part, pattern in zip(reversed(parts), reversed(tail)))
+            return "(?:.*/)?" + "/".join(_glob_regex(part, crosses=False) for part in self.glob[3:].split("/"))
         if "/" in self.glob:
-            return fnmatch.fnmatchcase(relpath, self.glob)
-        return fnmatch.fnmatchcase(relpath.rpartition("/")[2], self.glob)
+            return _glob_regex(self.glob, crosses=True)
+        return "(?:.*/)?" + _glob_regex(self.glob, crosses=False)
+
+
+def _glob_regex(glob: str, crosses: bool) -> str:
+    """`glob` as fnmatch reads it (`*`, `?`, `[...]`, `[!...]`), as a regular expression whose
+    `*` and `?` match `/` only when `crosses`."""
+    one = "." if crosses else "[^/]"
+    out, i = [], 0
+    while i < len(glob):
+        c = glob[i]
+        i += 1
+        if c == "*":
+            if not out or out[-1] != one + "*":
+                out.append(one + "*")
+        elif c == "?":
+            out.append(one)
+        elif c == "[":
+            end = i + (glob[i:i + 1] == "!")
+            end += glob[end:end + 1] == "]"
+            end = glob.find("]", end)
+            if end < 0:
+                out.append(re.escape(c))
+                continue
+            # fnmatch's own translation of the set (ranges, negation, escapes), unwrapped
+            # from its "(?s:...)\\Z".
+            out.append(("" if crosses else "(?!/)") + fnmatch.translate(glob[i - 1:end + 1])[4:-3])
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _rule_matcher(rules: tuple[Rule, ...]) -> re.Pattern:
+    """One expression for all `rules`: its group `r<i>` matches when rule i is the first that
+    matches (alternatives are tried in order)."""
+    return re.compile(r"\A(?:" + "|".join(f"(?P<r{i}>{rule.regex()})" for i, rule in enumerate(rules)) + r")\Z",
+                      re.DOTALL)
 
 
 class Backups(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -171,13 +201,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def rule_for(self, relpath: str) -> Rule:
         """The first matching rule: the file's own rules first, then the defaults."""
-        for rule in self.rules:
-            if rule.matches(relpath):
-                return rule
-        for rule in DEFAULT_RULES:
-            if rule.matches(relpath):
-                return rule
-        return DEFAULT_RULES[-1]
+        rules = self.rules + DEFAULT_RULES
+        found = _rule_matcher(rules).match(relpath)
+        return rules[int(found.lastgroup[1:])] if found is not None else DEFAULT_RULES[-1]
 
 
 def load(backing: str, path: str | None = None) -> Config:
