@@ -50,6 +50,80 @@ def test_json_validation_names_line_and_column(data, expected):
         assert expected in reason
 
 
+@pytest.mark.parametrize("data,expected", [
+    (b'{"id": 1,\n "id": 2}', 'line 2, column 2: duplicate key "id"'),
+    (b'{"a": 1, "\\u0061": 2}', 'line 1, column 10: duplicate key "a"'),
+    (b'{"\\ud83d\\ude00": 1, "\xf0\x9f\x98\x80": 2}', 'column 21: duplicate key "\\ud83d\\ude00"'),
+    (b'{"q\\"": 1, "q\\u0022": 2}', 'column 12: duplicate key "q\\""'),
+    (b'{"a\\\\": {"a\\\\": 1}, "b": [{"x": 1}, {"x": 2}], "a\\\\": 0}', 'column 48: duplicate key "a\\\\"'),
+    (b'{"a": 1, "b": {"a": 2}, "c": [{"a": 3}, {"a": 4}]}', None),
+    (b'{"a\\n": 1, "a\\\\n": 2, "a\\/": 3, "a/": 4}', 'column 33: duplicate key "a/"'),
+    (b'[{"k": "\\"k\\": 1, "}, {"k": "k"}]', None),
+    (b'{"k": {"k": {"k": {}}}, "j": "k"}', None),
+])
+def test_duplicate_keys_are_the_same_decoded_string_in_one_object(data, expected):
+    reason = validate.json_error(data)
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason, reason
+
+
+def _random_json(rng: random.Random, depth: int = 0):
+    keys = ["a", "b", "\\u0061", "\\\"", "\\u0022", "\\\\", "\\/", "/", "\\n", "\xc3\xa9", "\\u00e9", "\\ud83d\\ude00"]
+
+    def value(d):
+        roll = rng.random()
+        if d > 3 or roll < 0.3:
+            return rng.choice(["1", "-2.5e3", "true", "null", '"a"', '"\\"a\\":"', '"{\\\\"'])
+        if roll < 0.5:
+            return "[" + ", ".join(value(d + 1) for _ in range(rng.randint(0, 3))) + "]"
+        members = [f'"{rng.choice(keys)}{rng.choice(["", "", "x"])}": {value(d + 1)}' for _ in range(rng.randint(0, 4))]
+        return "{" + ",".join(members) + "}"
+
+    return value(depth).encode()
+
+
+def test_duplicate_key_scan_agrees_with_pythons_json_on_random_documents():
+    def pairs(items):
+        if len({k for k, _ in items}) != len(items):
+            raise KeyError("duplicate")
+        return {}
+
+    rng = random.Random(7)
+    seen = {True: 0, False: 0}
+    for _ in range(3000):
+        doc = _random_json(rng)
+        try:
+            json.loads(doc, object_pairs_hook=pairs)
+            expected = False
+        except KeyError:
+            expected = True
+        seen[expected] += 1
+        assert (validate._dupkeys.find(doc) >= 0) == expected, doc
+    assert min(seen.values()) > 300  # both answers were tried
+
+
+def test_duplicate_keys_are_found_in_documents_of_any_size(tmp_path):
+    # Past 1 MiB the document is read through a memory map and scanned beside msgspec.
+    body = b'{"records": [' + b",".join(b'{"id": %d, "text": "%s"}' % (i, b"x" * 50) for i in range(40_000))
+    path = tmp_path / "big.json"
+    path.write_bytes(body + b'], "records": []}')
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.fstat(fd).st_size > 2 << 20
+        reason = validate.check("json", fd)
+    finally:
+        os.close(fd)
+    assert reason == f'line 1, column {len(body) + 4}: duplicate key "records" in an object'
+    path.write_bytes(body + b'], "more": []}')
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert validate.check("json", fd) is None
+    finally:
+        os.close(fd)
+
+
 def test_utf8_errors_are_found_across_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(validate, "_UTF8_CHUNK", 4)
     assert validate.json_error('"aéé"'.encode()) is None

@@ -12,10 +12,11 @@ import json
 import mmap
 import os
 import re
+import threading
 
 import msgspec
 
-from fusestore.engine import schemas
+from fusestore.engine import _dupkeys, schemas
 
 _BYTE_AT = re.compile(r"\(byte (\d+)\)")
 # A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or a low one on its own.
@@ -24,9 +25,8 @@ _LONE_SURROGATE = re.compile(
     rb"|(?<![0-9a-fA-F]{2})(?<!\\)(?:\\\\)*\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 _UTF8_CHUNK = 1 << 20
 _SMALL = 1 << 20  # read smaller files in one call; map larger ones
-# Duplicate keys are found by decoding with Python's json, which holds the GIL (and so every
-# other request) for about 1 ms per 100 KiB: only documents up to this size pay for it.
-_DUPLICATE_CHECK = 256 << 10
+_PARALLEL_SCAN = 1 << 20  # documents this large scan for duplicate keys beside msgspec
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)  # a JSON string, quotes included
 
 
 def position(data, offset: int) -> tuple[int, int]:
@@ -74,6 +74,7 @@ def json_error(data) -> str | None:
         return "line 1, column 1: empty file, expected a JSON document"
     if data[:3] == b"\xef\xbb\xbf":
         return "line 1, column 1: byte order mark is not allowed in JSON (RFC 8259)"
+    duplicate = _DuplicateScan(data)
     try:
         msgspec.json.decode(data, type=msgspec.Raw)
     except msgspec.DecodeError as e:
@@ -94,36 +95,39 @@ def json_error(data) -> str | None:
         return _at(data, offset, text)
     except RecursionError:
         return "line 1, column 1: nesting too deep"
-    return _utf8_error(data) or (_duplicate_key(data) if len(data) <= _DUPLICATE_CHECK else None)
+    finally:
+        duplicate.join()
+    return _utf8_error(data) or duplicate.reason()
 
 
-def _duplicate_key(data) -> str | None:
+class _DuplicateScan:
     """RFC 8259: the names in an object SHOULD be unique; parsers disagree on which duplicate
-    wins, so fusestore refuses them (in documents up to 256 KiB, which it can afford to decode)."""
+    wins, so fusestore refuses them. One pass in C (`_dupkeys.c`) that builds nothing and lets
+    go of the GIL: for a large document it runs in a thread of its own while msgspec checks the
+    syntax, so the two passes take the time of one. Its answer counts only for valid JSON."""
 
-    def pairs(items: list) -> dict:
-        seen = set()
-        for key, _value in items:
-            if key in seen:
-                raise _Duplicate(key)
-            seen.add(key)
-        return {}
+    def __init__(self, data):
+        self.data = data
+        self.offset = -1
+        self.thread = None
+        if len(data) >= _PARALLEL_SCAN:
+            self.thread = threading.Thread(target=self._scan, name="fusestore-dupkeys")
+            self.thread.start()
 
-    try:
-        json.loads(bytes(data), object_pairs_hook=pairs)
-    except _Duplicate as d:
-        quoted = json.dumps(d.key).encode()
-        hits = [m.start() for m in re.finditer(re.escape(quoted) + rb"\s*:", bytes(data))]
-        offset = hits[1] if len(hits) > 1 else 0
-        return _at(data, offset, f"duplicate key {quoted.decode()} in an object")
-    except (ValueError, RecursionError):
-        return None  # msgspec accepted it; nothing more to say
-    return None
+    def _scan(self) -> None:
+        self.offset = _dupkeys.find(self.data)
 
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
-class _Duplicate(Exception):
-    def __init__(self, key: str):
-        self.key = key
+    def reason(self) -> str | None:
+        if self.thread is None:
+            self._scan()
+        if self.offset < 0:
+            return None
+        key = json.loads(_STRING.match(self.data, self.offset).group(0))
+        return _at(self.data, self.offset, f"duplicate key {json.dumps(key)} in an object")
 
 
 def check(kind: str, fd: int, schema: str | None = None) -> str | None:
