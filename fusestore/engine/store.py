@@ -213,7 +213,7 @@ class Store:
     # -- commit ----------------------------------------------------------------------------
 
     def commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str, backup: bool = True,
-               kill_setid: bool = False) -> None:
+               kill_setid: bool = False) -> os.stat_result | None:
         """Replace `name` in `dir_fd` by the staged content. On success the stage's name is
         gone and its fd, still open, is the committed file's: the caller closes it.
 
@@ -223,13 +223,14 @@ class Store:
         `backup=False` says the current content is an intermediate state of the same writer,
         not worth a generation. `kill_setid` says an unprivileged process wrote the content: as
         on any filesystem, the set-user-ID bit (and the set-group-ID bit of a group-executable
-        file) do not carry over, nor stay on a file's first content."""
+        file) do not carry over, nor stay on a file's first content. Returns the stat of the file
+        the name had before (None for a new file)."""
         rule = self.rule(relpath)
         try:
             current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             current = None
-        reason = self.check_content(relpath, stage.fd, current.st_size if current is not None else None)
+        reason = self._check_content(rule, stage.fd, current.st_size if current is not None else None)
         if reason is not None:
             raise Invalid(reason)
         if current is not None and not stat.S_ISREG(current.st_mode):
@@ -253,6 +254,7 @@ class Store:
             self.keep_backups_in_budget()
         self.stats.commits += 1
         log.debug("committed %s", relpath)
+        return current
 
     def commit_once(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str) -> None:
         """`commit` for a writer that will not try again (restore, repair, migrate): refused or
@@ -426,13 +428,18 @@ class Store:
         """Why the content of `fd` may not replace a file of `replacing` bytes (None: a new
         file) at `relpath`. An empty file is valid where it replaces nothing or nothing but
         emptiness (touch, placeholders, lock files); emptying a validated file is not."""
-        if self.rule(relpath).validate == "none":
+        return self._check_content(self.rule(relpath), fd, replacing)
+
+    @staticmethod
+    def _check_content(rule: config_mod.Rule, fd: int, replacing: int | None) -> str | None:
+        if rule.validate == "none":
             return None
-        if os.fstat(fd).st_size == 0:
+        size = os.fstat(fd).st_size
+        if size == 0:
             if replacing:
                 return f"empty content may not replace the {replacing} bytes of a validated file"
             return None
-        return self.check_fd(relpath, fd)
+        return validate.check(rule.validate, fd, rule.schema, size)
 
     def check_fd(self, relpath: str, fd: int) -> str | None:
         """Why the content of `fd` may not stand at `relpath` (its rule's validation and

@@ -130,14 +130,15 @@ class _DuplicateScan:
         return _at(self.data, self.offset, f"duplicate key {json.dumps(key)} in an object")
 
 
-def check(kind: str, fd: int, schema: str | None = None) -> str | None:
-    """Validate the whole content of the open file `fd` for rule kind `kind` and, when given,
-    the document `schema` (see engine.schemas)."""
+def check(kind: str, fd: int, schema: str | None = None, size: int | None = None) -> str | None:
+    """Validate the whole content of the open file `fd` (of `size` bytes, when the caller
+    knows) for rule kind `kind` and, when given, the document `schema` (see engine.schemas)."""
     if kind == "none":
         return None
     if kind != "json":
         raise ValueError(f"unknown validation kind {kind!r}")
-    size = os.fstat(fd).st_size
+    if size is None:
+        size = os.fstat(fd).st_size
     if size <= _SMALL:
         return _json_and_schema(os.pread(fd, size, 0), schema)
     with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:

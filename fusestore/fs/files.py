@@ -465,11 +465,7 @@ class Files:
         on the trio thread.) Pages need no invalidation: the page cache of a node is only ever
         filled by readers of a version nobody writes (`_read_through_page_cache`). Returns the
         stat of the file the name had before, when that file has other hard links."""
-        try:
-            before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            before = None
-        self.store.commit(stage, dir_fd, name, relpath, backup, kill_setid)
+        before = self.store.commit(stage, dir_fd, name, relpath, backup, kill_setid)
         self._invalidate_attrs(ino)
         return before if before is not None and before.st_nlink > 1 else None
 
