@@ -178,6 +178,7 @@ def cmd_status(args) -> int:
         f"quarantine:   {s.quarantine_entries} entr{'y' if s.quarantine_entries == 1 else 'ies'}"
         f" ({s.quarantined} this run, {s.recovered_at_mount} recovered at mount)",
         f"backups:      {s.backup_files} file(s), {s.backup_generations} generation(s), {_size(s.backup_bytes)}",
+        f"reads:        {s.read_path}",
     ]
     if s.cache is not None:
         c = s.cache
@@ -471,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="configuration file (default: BACKING/fusestore.toml)")
     p.add_argument("-o", action="append", default=[], metavar="OPT,...",
                    help="mount options: xattr, show_virtual, allow_other, ro, attr_timeout=S, entry_timeout=S, "
-                        "page_cache=on|off, debug[=NAME:NAME]")
+                        "page_cache=on|off, passthrough=on|off, debug[=NAME:NAME]")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 

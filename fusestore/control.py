@@ -43,6 +43,7 @@ class Status(msgspec.Struct):
     recent_rejections: list[Rejection]
     cache: CacheStats | None = None
     check: Report | None = None  # the background check at mount; None while it runs
+    read_path: str = ""  # how reads of committed files are served (Files.read_path)
 
 
 class Reply(msgspec.Struct):

@@ -39,7 +39,8 @@ class MountError(FusestoreError):
     """The mount cannot start; the message says why."""
 
 
-KNOWN_OPTIONS = {"xattr", "show_virtual", "allow_other", "ro", "attr_timeout", "entry_timeout", "debug", "page_cache"}
+KNOWN_OPTIONS = {"xattr", "show_virtual", "allow_other", "ro", "attr_timeout", "entry_timeout", "debug", "page_cache",
+                 "passthrough"}
 
 
 def parse_options(values: list[str]) -> dict[str, str]:
@@ -137,6 +138,7 @@ class Daemon:
             recovered_at_mount=self.recovered, recent_rejections=list(stats.recent_rejections),
             cache=self.fs.cache_view.cache.stats(),
             check=self.check_report,
+            read_path=self.fs.files.read_path(),
         )
 
     async def stop(self) -> int:
@@ -284,6 +286,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         attr_timeout = float(opts.get("attr_timeout") or mount_cfg.attr_timeout)
         entry_timeout = float(opts.get("entry_timeout") or mount_cfg.entry_timeout)
         page_cache = switch(opts, "page_cache", mount_cfg.page_cache)
+        passthrough = switch(opts, "passthrough", mount_cfg.passthrough)
         store = Store(backing, config)
     except (MountError, config_mod.ConfigError, ValueError) as e:
         report(f"error: {e}")
@@ -314,7 +317,8 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         store.close()
         return 1
     fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts, page_cache=page_cache,
-                                   attr_timeout=attr_timeout, entry_timeout=entry_timeout), cache)
+                                   passthrough=passthrough, attr_timeout=attr_timeout, entry_timeout=entry_timeout),
+                    cache)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     fuse_options |= {f"fsname={backing}", "subtype=fusestore"}
     if "allow_other" in opts:

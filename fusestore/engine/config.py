@@ -124,6 +124,9 @@ class Mount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Read-only opens of committed files that nobody writes read through the kernel's page
     # cache (shared maps work, repeated reads stay in the kernel).
     page_cache: bool = True
+    # Those reads served by the kernel from the backing file itself (FUSE passthrough), where
+    # the kernel (6.9 or later), libfuse (3.17 or later) and the daemon's privileges allow it.
+    passthrough: bool = True
 
     def __post_init__(self) -> None:
         if self.attr_timeout < 0 or self.entry_timeout < 0:

@@ -89,7 +89,7 @@ def readable_location(node: Node) -> tuple[Node, bytes]:
 
 class Files:
     def __init__(self, store: Store, inodes: InodeTable, workers: Workers, invalidate_attrs, drop_other_names,
-                 page_cache: bool = True):
+                 page_cache: bool = True, passthrough: bool = True):
         self.store = store
         self.inodes = inodes
         self.workers = workers
@@ -99,6 +99,10 @@ class Files:
         # Read-only opens of committed files through the page cache (`_read_through_page_cache`;
         # `-o page_cache=off` turns it off): shared maps work.
         self.page_cache = page_cache
+        # Those reads served by the kernel from the backing file (`_read_through_backing`),
+        # when the kernel agreed to passthrough at mount; off for good after a refusal.
+        self.passthrough = passthrough
+        self.passthrough_refused: str | None = None
         self._committing = 0  # commits under way in workers
         self._written: set[Node] = set()  # nodes with write-capable handles
         self._commit_seconds = 0.0  # how long commits take, a moving average
@@ -121,6 +125,8 @@ class Files:
         handle = Handle(node, flags, created)
         info = pyfuse3.FileInfo()
         mode = self.mode(node)
+        if node.backing and mode != "staged":
+            self._supersede(node)  # renamed to a direct file's name while read through a backing file
         if mode != "staged":
             parent, name = node.location
             handle.fd = os.open(name, (flags & _PASS_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
@@ -169,7 +175,9 @@ class Files:
             elif not node.pending:
                 parent, name = readable_location(node)
                 handle.fd = os.open(name, READ_FLAGS, dir_fd=parent.fd)
-                if (self.page_cache and not node.writers and node.stage is None and not node.moving
+                if node.backing:
+                    self._join_backing(node, handle, info)
+                elif (self.page_cache and not node.writers and node.stage is None and not node.moving
                         and (node.parent is not None or node.cached)):
                     self._read_through_page_cache(node, handle, info)
                 node.readers.add(handle)
@@ -194,10 +202,57 @@ class Files:
             # attributes would not do: the kernel drops a reply about a node whose attributes
             # changed meanwhile (an unlink, a rename onto its name), and reads on.
             return
+        if node.handles == 0 and self._passthrough_on():
+            try:
+                node.backing = pyfuse3.backing_open(handle.fd)
+            except OSError as e:
+                self.passthrough_refused = f"the kernel refused a backing file: {e.strerror}"
+                log.warning("reads go through the page cache from now on: %s", self.passthrough_refused)
+            else:
+                info.backing_id = node.backing
         info.direct_io = False
-        info.keep_cache = key == node.cache_key  # the pages the kernel kept are of this version
+        # The pages the kernel kept are of this version (none are kept for passthrough).
+        info.keep_cache = not node.backing and key == node.cache_key
         node.cache_key = key
         node.cached.add(handle)
+
+    def _passthrough_on(self) -> bool:
+        return self.passthrough and self.passthrough_refused is None and pyfuse3.passthrough_enabled()
+
+    def _join_backing(self, node: Node, handle: Handle, info: pyfuse3.FileInfo) -> None:
+        """A read-only open of a node whose readers the kernel serves from a backing file: the
+        kernel takes no other kind of open of that inode (it fails them with EIO), so the
+        reader joins them when it reads that version, and is otherwise sent to look the name
+        up again, where a new node has taken it (as for a writer in `_supersede`)."""
+        if version_key(os.fstat(handle.fd)) == node.cache_key:
+            info.direct_io = False
+            info.keep_cache = False
+            info.backing_id = node.backing
+            node.cached.add(handle)
+            return
+        os.close(handle.fd)
+        handle.fd = None
+        if node.parent is not None:
+            parent, name = node.location
+            self.inodes.succeed(node)
+            pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
+        raise pyfuse3.FUSEError(errno.ESTALE)
+
+    def read_path(self) -> str:
+        """How read-only opens of committed files nobody writes are served, for `status`."""
+        if not self.page_cache:
+            return "the daemon, every read (page_cache=off)"
+        if not self.passthrough:
+            why = "passthrough=off"
+        elif self.passthrough_refused is not None:
+            why = self.passthrough_refused
+        elif not pyfuse3.passthrough_supported:
+            why = "pyfuse3 is built against a libfuse older than 3.17 (see tools/install)"
+        elif not pyfuse3.passthrough_enabled():
+            why = "the kernel did not agree to FUSE passthrough (it needs Linux 6.9 or later)"
+        else:
+            return "kernel passthrough from the backing files (FUSE passthrough)"
+        return f"the kernel's page cache, filled by the daemon (no passthrough: {why})"
 
     def _supersede(self, node: Node) -> None:
         """The name of `node`, whose version readers hold in the page cache (maybe mapped), is
@@ -365,6 +420,12 @@ class Files:
             os.close(handle.fd)
         node.readers.discard(handle)
         node.cached.discard(handle)
+        if node.backing and not node.cached:
+            backing, node.backing = node.backing, 0
+            try:
+                pyfuse3.backing_close(backing)
+            except OSError as e:
+                log.warning("could not drop backing file %d of %s: %s", backing, node.relpath(), e.strerror)
         try:
             if handle in node.writers:
                 node.writers.discard(handle)

@@ -35,6 +35,7 @@ class Node:
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
         "stage", "writers", "readers", "lock", "pending", "former", "kill_setid", "backed_up",
         "refusal_recorded", "commits", "shown", "cached", "cache_key", "known", "moving", "heir", "awaited",
+        "backing",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -62,6 +63,9 @@ class Node:
         # (see Files.open: each version read through the page cache is its own kernel inode).
         self.shown = ino
         self.cached: set = set()  # read-only handles served from the kernel's page cache
+        # The backing id (pyfuse3.backing_open) through which the kernel serves every handle in
+        # `cached` from the backing file itself (FUSE passthrough), or 0: page cache.
+        self.backing = 0
         self.cache_key: tuple | None = None  # the version they read (files.version_key)
         # The version (files.version_key) whose size the kernel was last given for the node,
         # by a reply or a commit through it: the size page-cache readers of the node read to.

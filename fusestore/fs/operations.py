@@ -74,9 +74,11 @@ VirtualHandle = GenerationReader | CacheReader | CacheWriter
 
 class Options:
     def __init__(self, xattr: bool = False, show_virtual: bool = False,
-                 attr_timeout: float = 5.0, entry_timeout: float = 5.0, page_cache: bool = True):
+                 attr_timeout: float = 5.0, entry_timeout: float = 5.0, page_cache: bool = True,
+                 passthrough: bool = True):
         self.xattr = xattr
         self.page_cache = page_cache
+        self.passthrough = passthrough
         self.show_virtual = show_virtual
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
@@ -95,8 +97,11 @@ class Filesystem(pyfuse3.Operations):
         self._next_fh = 1
         self.uid = os.geteuid()
         self.workers = Workers()
+        # Asked of the kernel at mount (tools/pyfuse3.patch built against libfuse 3.17 or
+        # later); whether it agreed is known after the INIT request.
+        self.enable_passthrough = options.passthrough and pyfuse3.passthrough_supported
         self.files = Files(store, self.inodes, self.workers, self._invalidate_attrs, self._drop_names_of,
-                           options.page_cache)
+                           options.page_cache, options.passthrough)
         self.backups_view = BackupsView(store.backups)
         self.cache_view = CacheView(cache, store.rejected, self.workers)
         self.links = self.inodes.links
