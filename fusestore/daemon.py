@@ -82,7 +82,7 @@ def preflight(backing: str, mountpoint: str) -> None:
         raise MountError("the mountpoint and the backing directory must not contain each other")
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse module or install fuse3")
-    if not hasattr(pyfuse3.EntryAttributes, "attr_ino"):
+    if not (hasattr(pyfuse3.EntryAttributes, "attr_ino") and hasattr(pyfuse3, "backing_open")):
         raise MountError("this pyfuse3 lacks fusestore's patch (tools/pyfuse3.patch): "
                          "run tools/install, which builds it")
 
