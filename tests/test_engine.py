@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -318,3 +319,29 @@ def test_the_budget_never_drops_generation_1_of_a_live_file(tmp_path):
         assert s.backups.usage() > 1000  # over budget, but that generation is the one kept
     finally:
         s.close()
+
+
+def test_publish_syncs_renames_and_names_the_step_that_failed(tmp_path):
+    from fusestore.engine import _publish
+
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "docs").mkdir()
+    src_dir = os.open(tmp_path / "staging", os.O_RDONLY | os.O_DIRECTORY)
+    dst_dir = os.open(tmp_path / "docs", os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(tmp_path / "staging" / "s1", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"new")
+        (tmp_path / "docs" / "a.json").write_bytes(b"old")
+        _publish.publish(fd, src_dir, b"s1", dst_dir, b"a.json")
+        assert (tmp_path / "docs" / "a.json").read_bytes() == b"new"
+        assert not (tmp_path / "staging" / "s1").exists()
+        with pytest.raises(OSError) as failed:  # the staged name is gone now
+            _publish.publish(-1, src_dir, b"s1", dst_dir, b"a.json")
+        assert failed.value.errno == errno.ENOENT and not failed.value.renamed
+        assert failed.value.strerror.startswith("rename over the target")
+        with pytest.raises(OSError) as failed:
+            _publish.publish(10_000, src_dir, b"s1", dst_dir, b"a.json")
+        assert failed.value.errno == errno.EBADF and "fsync of the staged file" in failed.value.strerror
+    finally:
+        for f in (fd, src_dir, dst_dir):
+            os.close(f)

@@ -31,8 +31,8 @@ import urllib.parse
 
 import msgspec
 
+from fusestore.engine import _publish, layout, validate
 from fusestore.engine import config as config_mod
-from fusestore.engine import layout, validate
 from fusestore.engine.backups import Backups
 from fusestore.engine.paths import DIR_FLAGS, RENAME_NOREPLACE, clone_or_copy, components, open_dir, renameat2
 from fusestore.engine.state import StateDir
@@ -245,11 +245,15 @@ class Store:
         if kept:
             self.backups.keep(dir_fd, name, relpath, sync_first=stage.fd)
             self.stats.backups_kept += 1
-        else:
-            os.fsync(stage.fd)
-        os.rename(stage.name, name, src_dir_fd=self.state.staging_fd, dst_dir_fd=dir_fd)
+        try:
+            # fsync of the staged file (unless kept synced it), rename, fsync of the directory
+            _publish.publish(-1 if kept else stage.fd, self.state.staging_fd, os.fsencode(stage.name), dir_fd,
+                             os.fsencode(name))
+        except OSError as e:
+            if getattr(e, "renamed", False):
+                self._forget_stage_name(stage.name)
+            raise
         self._forget_stage_name(stage.name)
-        os.fsync(dir_fd)
         if kept:
             self.keep_backups_in_budget()
         self.stats.commits += 1
