@@ -128,3 +128,58 @@ def test_passthrough_off_reads_through_the_page_cache(make_mount, tree, how):
     (mount / "c.bin").write_bytes(b"C" * 100)
     with open(mount / "c.bin", "rb") as f, mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) as m:
         assert m[:] == b"C" * 100
+
+
+_DATABASE = """
+import mmap, os, sys, time
+fd, reader = os.open(sys.argv[1], os.O_RDWR), os.open(sys.argv[1], os.O_RDONLY)
+m = mmap.mmap(fd, 8192, mmap.MAP_SHARED)
+print("open", flush=True)
+sys.stdin.readline()
+os.pwrite(fd, b"page one", 0)
+m[4096:4104] = b"page two"
+os.pwrite(fd, b"tail", 8192)  # grows the file
+seen = os.pread(reader, 8, 4096) + os.pread(reader, 8, 0)
+print(seen.hex(), time.monotonic(), flush=True)
+sys.stdin.readline()
+m.close()
+os.fsync(fd)
+print("synced", flush=True)
+"""
+
+
+@needs_passthrough
+def test_direct_files_are_read_written_and_mapped_without_the_daemon(mount, plain):
+    # A database is written in place: all its handles share the backing file itself, so
+    # reads, writes and shared maps need no request; fsync still reaches the daemon.
+    outcome = {}
+    for root in (plain, mount.mnt):
+        (root / "app.db").write_bytes(b"\0" * 8192)
+        child = subprocess.Popen([sys.executable, "-c", _DATABASE, str(root / "app.db")], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline() == "open\n"
+            stopped = root == mount.mnt
+            if stopped:
+                os.kill(mount.pid, signal.SIGSTOP)  # no request can be answered from here on
+            try:
+                start = time.monotonic()
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                time.sleep(0.5)
+            finally:
+                resumed = time.monotonic()
+                if stopped:
+                    os.kill(mount.pid, signal.SIGCONT)
+            seen, when = child.stdout.readline().split()
+            assert bytes.fromhex(seen) == b"page twopage one"
+            assert start < float(when) < resumed, "the database's I/O waited for the stopped daemon"
+            child.stdin.write("sync\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "synced\n"
+            outcome[root] = (root / "app.db").stat().st_size
+        finally:
+            child.kill()
+            child.wait()
+    assert (mount.backing / "app.db").read_bytes() == (plain / "app.db").read_bytes()
+    assert outcome[mount.mnt] == outcome[plain] == 8196

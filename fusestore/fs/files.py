@@ -125,18 +125,23 @@ class Files:
         handle = Handle(node, flags, created)
         info = pyfuse3.FileInfo()
         mode = self.mode(node)
-        if node.backing and mode != "staged":
-            self._supersede(node)  # renamed to a direct file's name while read through a backing file
+        if node.backing and not (node.through if mode == "direct" else mode == "staged" and not node.through):
+            # Renamed from a staged file's name to a direct or appended file's, or back, while
+            # handles are served through a backing file: the kernel takes no other kind of open.
+            self._supersede(node)
         if mode != "staged":
             parent, name = node.location
             handle.fd = os.open(name, (flags & _PASS_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
             handle.direct = True
-            # Direct files have one version, so they get the page cache and shared maps. Not
-            # kept across opens: a change made in the backing tree shows at the next open.
-            # Appended files stay direct I/O: fusestore itself appends to project logs in the
-            # backing tree, behind the kernel's cached size.
+            # Direct files have one version, so they get the page cache and shared maps, or
+            # better, passthrough (`_write_through_backing`). Not kept across opens: a change
+            # made in the backing tree shows at the next open. Appended files stay direct I/O:
+            # fusestore itself appends to project logs in the backing tree, behind the
+            # kernel's cached size.
             info.direct_io = mode != "direct"
             info.keep_cache = False
+            if mode == "direct" and (node.through or node.handles == 0) and self._passthrough_on():
+                self._write_through_backing(node, handle, info, parent, name)
         else:
             # Direct I/O for the open version and whoever reads along with its writers: the
             # kernel keeps one size and one page cache per inode, while a reader that opened
@@ -215,6 +220,28 @@ class Files:
         info.keep_cache = not node.backing and key == node.cache_key
         node.cache_key = key
         node.cached.add(handle)
+
+    def _write_through_backing(self, node: Node, handle: Handle, info: pyfuse3.FileInfo, parent: Node,
+                               name: bytes) -> None:
+        """Every handle of a direct file (a database) is served by the kernel from the backing
+        file itself, reads, writes and maps alike: one backing file, open for reading and
+        writing, for all of them while any is open. Only open, flush, fsync, fallocate and
+        release reach the daemon."""
+        if not node.through:
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            except OSError:
+                return  # a read-only tree: the page cache, as without passthrough
+            try:
+                node.backing = pyfuse3.backing_open(fd)
+            except OSError as e:
+                self.passthrough_refused = f"the kernel refused a backing file: {e.strerror}"
+                log.warning("reads go through the page cache from now on: %s", self.passthrough_refused)
+                return
+            finally:
+                os.close(fd)
+        info.backing_id = node.backing
+        node.through.add(handle)
 
     def _passthrough_on(self) -> bool:
         return self.passthrough and self.passthrough_refused is None and pyfuse3.passthrough_enabled()
@@ -420,7 +447,8 @@ class Files:
             os.close(handle.fd)
         node.readers.discard(handle)
         node.cached.discard(handle)
-        if node.backing and not node.cached:
+        node.through.discard(handle)
+        if node.backing and not node.cached and not node.through:
             backing, node.backing = node.backing, 0
             try:
                 pyfuse3.backing_close(backing)

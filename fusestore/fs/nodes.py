@@ -35,7 +35,7 @@ class Node:
         "ino", "is_dir", "fd", "parent", "name", "lookups", "children", "handles",
         "stage", "writers", "readers", "lock", "pending", "former", "kill_setid", "backed_up",
         "refusal_recorded", "commits", "shown", "cached", "cache_key", "known", "moving", "heir", "awaited",
-        "backing",
+        "backing", "through",
     )
 
     def __init__(self, ino: int, is_dir: bool, fd: int | None):
@@ -66,6 +66,7 @@ class Node:
         # The backing id (pyfuse3.backing_open) through which the kernel serves every handle in
         # `cached` from the backing file itself (FUSE passthrough), or 0: page cache.
         self.backing = 0
+        self.through: set = set()  # direct files: the handles served through `backing`
         self.cache_key: tuple | None = None  # the version they read (files.version_key)
         # The version (files.version_key) whose size the kernel was last given for the node,
         # by a reply or a commit through it: the size page-cache readers of the node read to.
