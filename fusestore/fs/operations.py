@@ -128,11 +128,12 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return node
 
-    def _entry(self, ino: int, st) -> pyfuse3.EntryAttributes:
+    def _entry(self, ino: int, st, node: Node | VirtualNode | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
         e.generation = 0
-        node = self.inodes.get(ino)
+        if node is None:
+            node = self.inodes.get(ino)
         if isinstance(node, VirtualNode) and not node.view.fixed(node):
             # Generation N changes content with every commit, cache entries come and go: never
             # let the kernel cache them.
@@ -152,7 +153,8 @@ class Filesystem(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         if isinstance(node, Node):
-            self.links.seen(node, st)
+            if st.st_nlink > 1:
+                self.links.seen(node, st)
             e.attr_ino = node.shown
             node.known = version_key(st)
         return e
@@ -743,7 +745,7 @@ class Filesystem(pyfuse3.Operations):
                 vnode.lookups += 1
             return
         if handle.entries is None or start_id == 0:
-            names = [os.fsencode(n) for n in os.listdir(node.fd)]
+            names = os.listdir(b"/proc/self/fd/%d" % node.fd)  # bytes names: no fsencode of each
             if node.ino == ROOT_INODE:
                 names = [n for n in names if n not in _RESERVED]
                 if self.options.show_virtual:
@@ -752,19 +754,27 @@ class Filesystem(pyfuse3.Operations):
             names.extend(n for n in self.inodes.pending_in(node) if n not in listed)
             names.sort()
             handle.entries = names
+        pending = self.inodes.pending_in(node)
+        known = self.inodes.by_name
+        root = node.ino == ROOT_INODE
         for i in range(start_id, len(handle.entries)):
             name = handle.entries[i]
-            pending = self.inodes.pending_in(node).get(name)
-            if node.ino == ROOT_INODE and name in _VIRTUAL_NAMES:
+            if root and name in _VIRTUAL_NAMES:
                 child, st = self._virtual_root(name)
-            elif pending is not None:
-                child, st = pending, self._stat(pending)
+            elif name in pending:
+                child = pending[name]
+                st = self._stat(child)
             else:
                 try:
-                    child, st = self._named(node, name, st=os.stat(name, dir_fd=node.fd, follow_symlinks=False))
+                    st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
+                    # A known file that nobody has open, as most are in a listing, needs none
+                    # of _named's checks.
+                    child = known.get((node.ino, name))
+                    if child is None or child.handles or child.is_dir or stat.S_ISDIR(st.st_mode):
+                        child, st = self._named(node, name, st)
                 except (OSError, pyfuse3.FUSEError):
                     continue  # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, st), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, st, child), i + 1):
                 self.inodes.maybe_free(child)
                 return
             child.lookups += 1
