@@ -217,3 +217,51 @@ async def test_reading_a_cache_entry_costs_one_index_lookup_and_counts_one_use(f
     now = fs.cache.clock()
     monkeypatch.setattr(fs.cache, "clock", lambda: now + 366 * 86400)
     assert await errno_of(fs.getattr(ino, CTX)) == errno.ENOENT
+
+
+async def test_backing_ids_are_shared_per_node_and_dropped_with_the_last_handle(fs, monkeypatch):
+    # As the kernel would answer: backing ids handed out and dropped, one per registration.
+    ids, dropped = iter(range(1, 100)), []
+    monkeypatch.setattr(pyfuse3, "passthrough_enabled", lambda: True)
+    monkeypatch.setattr(pyfuse3, "backing_open", lambda fd: next(ids))
+    monkeypatch.setattr(pyfuse3, "backing_close", dropped.append)
+    fh, ino = await create(fs, b"p.txt")
+    await fs.write(fh, 0, b"content")
+    await fs.flush(fh)
+    await fs.release(fh)
+    await fs.getattr(ino, CTX)
+    first, second = await fs.open(ino, R, CTX), await fs.open(ino, R, CTX)
+    assert first.backing_id == second.backing_id == 1 and not first.direct_io and not first.keep_cache
+    created, entry = await fs.create(ROOT_INODE, b"app.db", 0o644, RW | os.O_CREAT, CTX)
+    assert created.backing_id == 2  # a direct file is made in the tree at once
+    await fs.release(created.fh)
+    assert dropped == [2]
+    a, b = await fs.open(entry.st_ino, RW, CTX), await fs.open(entry.st_ino, R, CTX)
+    assert a.backing_id == b.backing_id == 3  # one backing file, read-write, for every handle
+    await fs.release(first.fh)
+    assert dropped == [2]
+    await fs.release(second.fh)
+    await fs.release(a.fh)
+    assert dropped == [2, 1]
+    await fs.release(b.fh)
+    assert dropped == [2, 1, 3]
+
+
+async def test_a_refused_backing_file_leaves_reads_to_the_page_cache(fs, monkeypatch):
+    def refuse(fd):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(pyfuse3, "passthrough_enabled", lambda: True)
+    monkeypatch.setattr(pyfuse3, "passthrough_supported", True)
+    monkeypatch.setattr(pyfuse3, "backing_open", refuse)
+    fh, ino = await create(fs, b"q.txt")
+    await fs.write(fh, 0, b"content")
+    await fs.flush(fh)
+    await fs.release(fh)
+    await fs.getattr(ino, CTX)
+    reader = await fs.open(ino, R, CTX)
+    assert reader.backing_id == 0 and not reader.direct_io  # the page cache, as without passthrough
+    assert await fs.read(reader.fh, 0, 100) == b"content"
+    await fs.release(reader.fh)
+    assert fs.files.read_path() == ("the kernel's page cache, filled by the daemon (no passthrough: the kernel "
+                                    "refused a backing file: Operation not permitted)")
