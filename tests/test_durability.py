@@ -71,3 +71,21 @@ def test_new_file_order(mount):
     publish = first(calls, "rename|renameat|renameat2", r'staging>, "[^"]*new\.json", \d+<[^>]*>, "new\.json"')
     dir_sync = first(calls, "fsync", rf"{re.escape(str(mount.backing))}>$", after=publish)
     assert data_sync < publish < dir_sync < returned
+
+
+def test_fsync_of_a_direct_file_reaches_the_backing_file_before_it_returns(mount):
+    # A database is written in place (with passthrough, by the kernel straight into the
+    # backing file, no write reaching the daemon): its fsync must still make the backing file
+    # durable before it returns, or an acknowledged transaction could be lost.
+    (mount / "app.db").write_bytes(b"\0" * 4096)
+    fd = os.open(mount / "app.db", os.O_RDWR)
+    try:
+        def transaction():
+            os.pwrite(fd, b"committed row", 0)
+            os.fsync(fd)
+
+        calls, returned = trace_commit(mount, transaction)
+    finally:
+        os.close(fd)
+    assert first(calls, "fsync|fdatasync", r"/app\.db>$") < returned
+    assert (mount.backing / "app.db").read_bytes()[:13] == b"committed row"

@@ -99,8 +99,9 @@ class Files:
         # Read-only opens of committed files through the page cache (`_read_through_page_cache`;
         # `-o page_cache=off` turns it off): shared maps work.
         self.page_cache = page_cache
-        # Those reads served by the kernel from the backing file (`_read_through_backing`),
-        # when the kernel agreed to passthrough at mount; off for good after a refusal.
+        # Those readers, and every handle of a direct file, served by the kernel from the
+        # backing file (`_register_backing`), when the kernel agreed to passthrough at mount;
+        # off for good after a refusal.
         self.passthrough = passthrough
         self.passthrough_refused: str | None = None
         self._committing = 0  # commits under way in workers
@@ -125,10 +126,14 @@ class Files:
         handle = Handle(node, flags, created)
         info = pyfuse3.FileInfo()
         mode = self.mode(node)
-        if node.backing and not (node.through if mode == "direct" else mode == "staged" and not node.through):
-            # Renamed from a staged file's name to a direct or appended file's, or back, while
-            # handles are served through a backing file: the kernel takes no other kind of open.
-            self._supersede(node)
+        if node.backing:
+            # Handles of this node are served through a backing file, and the kernel takes no
+            # other kind of open: a direct file's backing serves direct opens, a reader's
+            # backing staged ones. Any other (the name was renamed from one kind to the other,
+            # or to an appended file's) goes to a new node.
+            fits = bool(node.through) if mode == "direct" else mode == "staged" and not node.through
+            if not fits:
+                self._supersede(node)
         if mode != "staged":
             parent, name = node.location
             handle.fd = os.open(name, (flags & _PASS_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
@@ -208,13 +213,7 @@ class Files:
             # changed meanwhile (an unlink, a rename onto its name), and reads on.
             return
         if node.handles == 0 and self._passthrough_on():
-            try:
-                node.backing = pyfuse3.backing_open(handle.fd)
-            except OSError as e:
-                self.passthrough_refused = f"the kernel refused a backing file: {e.strerror}"
-                log.warning("reads go through the page cache from now on: %s", self.passthrough_refused)
-            else:
-                info.backing_id = node.backing
+            node.backing = info.backing_id = self._register_backing(handle.fd)
         info.direct_io = False
         # The pages the kernel kept are of this version (none are kept for passthrough).
         info.keep_cache = not node.backing and key == node.cache_key
@@ -233,15 +232,23 @@ class Files:
             except OSError:
                 return  # a read-only tree: the page cache, as without passthrough
             try:
-                node.backing = pyfuse3.backing_open(fd)
-            except OSError as e:
-                self.passthrough_refused = f"the kernel refused a backing file: {e.strerror}"
-                log.warning("reads go through the page cache from now on: %s", self.passthrough_refused)
-                return
+                node.backing = self._register_backing(fd)
             finally:
                 os.close(fd)
+            if not node.backing:
+                return
         info.backing_id = node.backing
         node.through.add(handle)
+
+    def _register_backing(self, fd: int) -> int:
+        """A backing id for the open file `fd`, or 0 when the kernel refuses it: passthrough is
+        then off for good (the refusal is a matter of privilege or of the backing filesystem)."""
+        try:
+            return pyfuse3.backing_open(fd)
+        except OSError as e:
+            self.passthrough_refused = f"the kernel refused a backing file: {e.strerror}"
+            log.warning("reads go through the page cache from now on: %s", self.passthrough_refused)
+            return 0
 
     def _passthrough_on(self) -> bool:
         return self.passthrough and self.passthrough_refused is None and pyfuse3.passthrough_enabled()

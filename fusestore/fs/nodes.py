@@ -64,7 +64,7 @@ class Node:
         self.shown = ino
         self.cached: set = set()  # read-only handles served from the kernel's page cache
         # The backing id (pyfuse3.backing_open) through which the kernel serves every handle in
-        # `cached` from the backing file itself (FUSE passthrough), or 0: page cache.
+        # `cached`, or in `through`, from the backing file itself (FUSE passthrough), or 0.
         self.backing = 0
         self.through: set = set()  # direct files: the handles served through `backing`
         self.cache_key: tuple | None = None  # the version they read (files.version_key)

@@ -153,8 +153,7 @@ class Filesystem(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         if isinstance(node, Node):
-            if st.st_nlink > 1:
-                self.links.seen(node, st)
+            self.links.seen(node, st)
             e.attr_ino = node.shown
             node.known = version_key(st)
         return e
@@ -223,6 +222,9 @@ class Filesystem(pyfuse3.Operations):
         version of the node in the page cache (the name changed behind the mount, or a rename
         onto it is under way), the name gets a new node: the kernel must not take the name's
         size for theirs."""
+        node = self.inodes.find(parent, name)
+        if node is not None and not node.handles and not node.is_dir and not stat.S_ISDIR(st.st_mode):
+            return node, st  # a known file nobody has open, as most are: nothing to check
         node = self._known(parent, name, st)
         if node.stage is not None:
             return node, self.files.stat(node, lambda: st)
@@ -755,7 +757,6 @@ class Filesystem(pyfuse3.Operations):
             names.sort()
             handle.entries = names
         pending = self.inodes.pending_in(node)
-        known = self.inodes.by_name
         root = node.ino == ROOT_INODE
         for i in range(start_id, len(handle.entries)):
             name = handle.entries[i]
@@ -766,12 +767,7 @@ class Filesystem(pyfuse3.Operations):
                 st = self._stat(child)
             else:
                 try:
-                    st = os.stat(name, dir_fd=node.fd, follow_symlinks=False)
-                    # A known file that nobody has open, as most are in a listing, needs none
-                    # of _named's checks.
-                    child = known.get((node.ino, name))
-                    if child is None or child.handles or child.is_dir or stat.S_ISDIR(st.st_mode):
-                        child, st = self._named(node, name, st)
+                    child, st = self._named(node, name, os.stat(name, dir_fd=node.fd, follow_symlinks=False))
                 except (OSError, pyfuse3.FUSEError):
                     continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, name, self._entry(child.ino, st, child), i + 1):
