@@ -14,8 +14,9 @@ import time
 import msgspec
 
 from fusestore import cache, control, projects
+from fusestore import events as events_mod
 from fusestore.engine import config as config_mod
-from fusestore.engine import maintenance, procs, schemas
+from fusestore.engine import diffs, maintenance, procs, schemas
 from fusestore.engine.cache import iso
 from fusestore.engine.errors import FusestoreError
 from fusestore.engine.jskey import cache_key
@@ -86,8 +87,11 @@ def cmd_mount(args) -> int:
         cmd += ["--config", os.path.abspath(args.config)]
     for opt in args.o:
         cmd += ["-o", opt]
+    # A service manager's notification socket is for the process it started (run the daemon
+    # with --foreground under a Type=notify unit), not for this one's child.
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     proc = subprocess.Popen(cmd, pass_fds=(write_end,), start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         message = ready.readline().decode(errors="replace").strip()
@@ -200,12 +204,57 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _parse_since(value: str) -> float:
+    """--since: an ISO 8601 time (local unless it says) or a duration ago (90s, 5m, 2h, 1d)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(value[:-1]) * units[value[-1]]
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise CommandError(f"--since wants a time (2026-12-02T14:30) or a duration ago (90s, 5m, 2h, 1d), "
+                           f"not {value!r}") from None
+
+
+def _describe(e: events_mod.Event) -> str:
+    when = datetime.datetime.fromtimestamp(e.time).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    parts = [when, f"{e.kind:12}", one_line(e.path)]
+    if e.source is not None:
+        parts.append(f"(from {one_line(e.source)})")
+    if e.size is not None:
+        parts.append(_size(e.size))
+    if e.generation is not None:
+        parts.append(f"generation {e.generation}")
+    if e.reason is not None:
+        parts.append(f"- {one_line(e.reason)}")
+    if e.quarantined is not None:
+        parts.append(f"(kept in the quarantine as {e.quarantined})")
+    return " ".join(parts)
+
+
+def cmd_events(args) -> int:
+    mountpoint, backing = find_mount(args.mountpoint, args.root)
+    since = _parse_since(args.since) if args.since else None
+    after = 0 if args.no_follow and since is None and args.after is None else args.after  # all it keeps
+    out = sys.stdout.buffer
+    try:
+        for event in control.events(os.path.join(backing, STATE_NAME), after, since, not args.no_follow):
+            out.write(msgspec.json.encode(event) + b"\n" if args.json else _describe(event).encode() + b"\n")
+            out.flush()
+    except (OSError, ConnectionError) as e:
+        if isinstance(e, BrokenPipeError):
+            return 0
+        raise CommandError(f"the daemon serving {mountpoint} does not answer ({e})") from None
+    return 0
+
+
 class GenerationReport(msgspec.Struct):
     generation: int
     superseded: str
     size: int
     valid: bool
     problem: str | None
+    change: str  # what the version that replaced it changed (`fusestore diff -g N` for the whole)
 
 
 def _generation_reports(store: Store, relpath: str) -> list[GenerationReport]:
@@ -213,7 +262,8 @@ def _generation_reports(store: Store, relpath: str) -> list[GenerationReport]:
     for gen in store.backups.generations(relpath):
         problem = store.check_generation(relpath, gen.number)
         when = datetime.datetime.fromtimestamp(gen.superseded_ns / 1e9).isoformat(timespec="seconds")
-        reports.append(GenerationReport(gen.number, when, gen.size, problem is None, problem))
+        reports.append(GenerationReport(gen.number, when, gen.size, problem is None, problem,
+                                        diffs.change_summary(store, relpath, gen.number)))
     return reports
 
 
@@ -233,25 +283,64 @@ def cmd_backups(args) -> int:
         return 0
     if not reports:
         raise CommandError(f"no backups of {relpath}")
-    print(f"{'gen':>3}  {'superseded':19}  {'size':>10}  valid")
+    print(f"{'gen':>3}  {'superseded':19}  {'size':>10}  {'valid':5}  then changed")
     for r in reports:
-        print(f"{r.generation:>3}  {r.superseded:19}  {r.size:>10}  {'yes' if r.valid else 'no: ' + (r.problem or '')}")
+        valid = "yes" if r.valid else "no"
+        print(f"{r.generation:>3}  {r.superseded:19}  {r.size:>10}  {valid:5}  {one_line(r.change)}")
+        if r.problem:
+            print(f"{'':>3}  invalid: {one_line(r.problem)}")
     return 0
+
+
+def cmd_diff(args) -> int:
+    """Exit status as diff(1): 0 the same, 1 different, 2 trouble (raised as CommandError)."""
+    backing, relpath, _ = locate(args.path)
+    store = _open_store(backing)
+    try:
+        if args.generation not in [g.number for g in store.backups.generations(relpath)]:
+            raise CommandError(f"no backup generation {args.generation} of {relpath} (fusestore backups lists them)")
+        if not store.exists(relpath):
+            raise CommandError(f"{relpath} does not exist now (fusestore restore -g {args.generation} puts it back)")
+        result = diffs.compare(store, relpath, args.generation, 0)
+    except diffs.TooLarge as e:
+        raise CommandError(str(e)) from None
+    finally:
+        store.close()
+    if args.json:
+        _print_json({"path": relpath, "generation": args.generation, **msgspec.to_builtins(result)})
+    elif result.same:
+        pass
+    elif result.kind == "json":
+        print(f"--- {diffs.label(relpath, args.generation)}\n+++ {diffs.label(relpath, 0)}")
+        for c in result.changes:
+            old = "" if c.old is msgspec.UNSET else _short_json(c.old)
+            new = "" if c.new is msgspec.UNSET else _short_json(c.new)
+            print({"added": f"+ {c.path}: {new}", "removed": f"- {c.path}: {old}",
+                   "changed": f"~ {c.path}: {old} -> {new}"}[c.op])
+        if not result.changes:
+            print("(the same JSON value; only the formatting changed)")
+    elif result.kind == "text":
+        print("\n".join(result.unified))
+    else:
+        print(f"binary files differ: generation {args.generation}: {result.old_size} bytes, "
+              f"sha256 {result.old_sha256}; now: {result.new_size} bytes, sha256 {result.new_sha256}")
+    return 0 if result.same else 1
+
+
+def _short_json(value, limit: int = 200) -> str:
+    text = msgspec.json.encode(value).decode()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def cmd_restore(args) -> int:
     backing, relpath, _ = locate(args.path)
     with _writer(backing) as writer:
         try:
-            src = writer.store.backups.open_generation(relpath, args.generation)
+            writer.restore(relpath, args.generation)
         except FileNotFoundError:
             raise CommandError(f"no backup generation {args.generation} of {relpath}") from None
-        try:
-            writer.write(relpath, src)
         except Rejected as e:
             raise CommandError(f"generation {args.generation} of {relpath} was rejected: {e.reason}") from None
-        finally:
-            os.close(src)
     print(f"restored {one_line(relpath)} from generation {args.generation}")
     return 0
 
@@ -486,10 +575,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("events", help="follow commits, rejections, restores, deletes and cache changes")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--root", metavar="DIR", help="a backing tree or a mount of one")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--since", metavar="WHEN", help="start with the kept events since WHEN (a time, or 90s, 5m, 2h, 1d)")
+    p.add_argument("--after", type=int, metavar="SEQ", help="start after the event numbered SEQ (its seq field)")
+    p.add_argument("--no-follow", action="store_true", help="print the kept events and exit")
+    p.set_defaults(func=cmd_events)
+
     p = sub.add_parser("backups", help="the backup generations of a file")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backups)
+
+    p = sub.add_parser("diff", help="what changed since a backup generation (exit 1 when something did)")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--generation", "-g", type=int, default=1, metavar="N",
+                   help="the backup generation to compare the current content with (default 1, the last)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("restore", help="put a backup generation back as a new commit")
     p.add_argument("path", metavar="PATH")
@@ -576,11 +681,11 @@ def main(argv: list[str] | None = None) -> int:
         name = args.command + (f" {args.cache_command}" if args.command == "cache" else "")
         name += f" {args.schema_command}" if args.command == "schema" else ""
         print(f"fusestore {name}: {e}", file=sys.stderr)
-        return 1
+        return 2 if args.command == "diff" else 1  # diff's 1 says "different", as diff(1)'s does
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         print(f"fusestore {args.command}: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
+        return 2 if args.command == "diff" else 1
     except KeyboardInterrupt:
         return 130
 

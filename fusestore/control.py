@@ -1,25 +1,37 @@
-"""The daemon's control socket, `state/control.sock`: status and unmount requests from the CLI.
+"""The daemon's control socket, `state/control.sock`: status, unmount and event requests from the
+CLI and the API.
 
-One JSON request line, one JSON reply line, both msgspec Structs. The socket is reached through
-`/proc/self/fd/<state dir fd>/control.sock`, so a long BACKING path never exceeds sun_path, and it
-lives in the state directory (mode 0700), so only the tree's owner can talk to the daemon.
+One JSON request line, one JSON reply line (a line per event for `events`), msgspec Structs.
+The socket is reached through `/proc/self/fd/<state dir fd>/control.sock`, so a long BACKING
+path never exceeds sun_path, and it lives in the state directory (mode 0700), so only the
+tree's owner can talk to the daemon.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import Iterator, Literal
 
 import msgspec
 
 from fusestore.engine.cache import CacheStats
 from fusestore.engine.maintenance import Report
 from fusestore.engine.store import Rejection
+from fusestore.events import Event, Note
 
 
-class Request(msgspec.Struct, frozen=True):
-    cmd: Literal["status", "unmount"]
+class Request(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`events`: the daemon answers with one JSON line per event (`fusestore.events.Event`),
+    those numbered above `after` (or since the time `since`; without either, from now on),
+    and keeps the connection open for new ones when `follow`. `note`: an event another process
+    made (a restore through the mount, a cache insert through the API)."""
+
+    cmd: Literal["status", "unmount", "events", "note"]
+    after: int | None = None
+    since: float | None = None
+    follow: bool = True
+    note: Note | None = None
 
 
 class Status(msgspec.Struct):
@@ -55,6 +67,7 @@ class Reply(msgspec.Struct):
 
 _request_decoder = msgspec.json.Decoder(Request)
 _reply_decoder = msgspec.json.Decoder(Reply)
+_event_decoder = msgspec.json.Decoder(Event)
 
 
 def decode_request(line: bytes) -> Request:
@@ -65,22 +78,51 @@ def encode(msg: msgspec.Struct) -> bytes:
     return msgspec.json.encode(msg) + b"\n"
 
 
-def ask(state_path: str, cmd: str, timeout: float = 60.0) -> Reply:
-    """Send one request to the daemon serving the tree whose state directory is `state_path`."""
+def _connect(state_path: str, timeout: float | None) -> socket.socket:
     dfd = os.open(state_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             sock.settimeout(timeout)
             sock.connect(f"/proc/self/fd/{dfd}/control.sock")
-            sock.sendall(encode(Request(cmd)))
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+        except BaseException:
+            sock.close()
+            raise
+        return sock
     finally:
         os.close(dfd)
+
+
+def ask(state_path: str, cmd: str | Request, timeout: float = 60.0) -> Reply:
+    """Send one request to the daemon serving the tree whose state directory is `state_path`."""
+    with _connect(state_path, timeout) as sock:
+        sock.sendall(encode(cmd if isinstance(cmd, Request) else Request(cmd)))
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
     if not data:
         raise ConnectionError("the daemon closed the connection without answering")
     return _reply_decoder.decode(data)
+
+
+def events(state_path: str, after: int | None = None, since: float | None = None,
+           follow: bool = True) -> Iterator[Event]:
+    """The daemon's events (see `Request`), as they come."""
+    with _connect(state_path, 10) as sock:
+        sock.sendall(encode(Request("events", after=after, since=since, follow=follow)))
+        sock.settimeout(None)
+        with sock.makefile("rb") as lines:
+            for line in lines:
+                yield _event_decoder.decode(line)
+
+
+def note(state_path: str, kind: str, path: str, **fields) -> None:
+    """Tell the daemon serving the tree, if one does, of an event this process made; quietly
+    nothing when none answers."""
+    try:
+        ask(state_path, Request("note", note=Note(kind, path, **fields)), timeout=2)
+    except (OSError, ConnectionError, msgspec.DecodeError):
+        pass

@@ -29,10 +29,18 @@ from fusestore.engine.errors import FusestoreError
 from fusestore.engine.paths import one_line
 from fusestore.engine.state import Busy
 from fusestore.engine.store import Store
+from fusestore.events import Event, EventHub, Note
 from fusestore.fs.operations import Filesystem, Options
 from fusestore.trees import mount_device
 
 log = logging.getLogger(__name__)
+
+
+# The kernel's mount flags, passed to the kernel through libfuse as mount(8) would.
+KERNEL_FLAGS = {"nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "nodiratime", "sync", "dirsync"}
+
+# What other processes may report to the daemon's event stream (control "note").
+NOTED_KINDS = ("restore", "cache-insert", "cache-evict")
 
 
 class MountError(FusestoreError):
@@ -40,7 +48,7 @@ class MountError(FusestoreError):
 
 
 KNOWN_OPTIONS = {"xattr", "show_virtual", "allow_other", "ro", "attr_timeout", "entry_timeout", "debug", "page_cache",
-                 "passthrough"}
+                 "passthrough", "notify_watchers"}
 
 
 def parse_options(values: list[str]) -> dict[str, str]:
@@ -50,8 +58,9 @@ def parse_options(values: list[str]) -> dict[str, str]:
             if not item:
                 continue
             key, _, arg = item.partition("=")
-            if key not in KNOWN_OPTIONS:
-                raise MountError(f"unknown mount option {key!r} (known: {', '.join(sorted(KNOWN_OPTIONS))})")
+            if key not in KNOWN_OPTIONS and item not in KERNEL_FLAGS:
+                raise MountError(f"unknown mount option {key!r} (known: {', '.join(sorted(KNOWN_OPTIONS))}, "
+                                 f"and the mount flags {', '.join(sorted(KERNEL_FLAGS))})")
             options[key] = arg
     return options
 
@@ -116,11 +125,14 @@ def setup_logging(store: Store, foreground: bool, debug: str | None) -> None:
 
 
 class Daemon:
-    def __init__(self, store: Store, fs: Filesystem, mountpoint: str, recovered: int):
+    def __init__(self, store: Store, fs: Filesystem, mountpoint: str, recovered: int, notify_watchers: bool):
         self.store = store
         self.fs = fs
         self.mountpoint = mountpoint
         self.recovered = recovered
+        self.notify_watchers = notify_watchers
+        self.events = EventHub(store.config.mount.events_kept)
+        store.emit = fs.cache_view.cache.emit = self.events.emit
         self.started = time.time()
         self.stopping = False
         self.check_report: maintenance.Report | None = None
@@ -146,7 +158,9 @@ class Daemon:
         if self.stopping:
             return 0
         self.stopping = True
+        notify_systemd("STOPPING=1")
         count = await self.fs.files.commit_all()
+        self.fs.files.notifier.stop()
         log.info("unmounting %s (%d staged file(s) committed or quarantined)", self.mountpoint, count)
         pyfuse3.terminate()
         return count
@@ -195,9 +209,64 @@ class Daemon:
             if request.cmd == "status":
                 status = await trio.to_thread.run_sync(self.status)
                 await stream.send_all(control.encode(control.Reply(ok=True, status=status)))
+            elif request.cmd == "events":
+                await self._send_events(stream, request)
+            elif request.cmd == "note":
+                error = self._note(request.note)
+                await stream.send_all(control.encode(control.Reply(ok=error is None, error=error)))
             else:
                 count = await self.stop()
                 await stream.send_all(control.encode(control.Reply(ok=True, committed_at_unmount=count)))
+
+    def _note(self, note: Note | None) -> str | None:
+        if note is None or note.kind not in NOTED_KINDS:
+            return f"a note is one of {', '.join(NOTED_KINDS)}"
+        fields = {f: getattr(note, f) for f in ("size", "generation", "reason") if getattr(note, f) is not None}
+        self.events.emit(note.kind, note.path, **fields)
+        return None
+
+    async def _send_events(self, stream: trio.SocketStream, request: control.Request) -> None:
+        """Stream events to one follower from its own position in the ring; one that falls a
+        whole ring behind gets a `dropped` marker and is disconnected (fusestore.events)."""
+        hub = self.events
+        if request.after is not None:
+            seq = request.after
+        elif request.since is not None:
+            seq = hub.since(request.since)
+        else:
+            seq = hub.last_seq
+        hub.followers += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._until_hangup, stream, nursery.cancel_scope)
+                await self._stream_events(stream, request.follow, seq)
+                nursery.cancel_scope.cancel()
+        finally:
+            hub.followers -= 1
+
+    @staticmethod
+    async def _until_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        """A follower that hangs up while no event comes is let go at once, not at the next event."""
+        while await stream.receive_some(4096):
+            pass
+        scope.cancel()
+
+    async def _stream_events(self, stream: trio.SocketStream, follow: bool, seq: int) -> None:
+        hub = self.events
+        while True:
+            events, lost = hub.after(seq)
+            if lost:
+                marker = Event(seq + lost, time.time(), "dropped", "",
+                               reason=f"{lost} event(s) missed: this follower read too slowly")
+                await stream.send_all(control.encode(marker))
+                return
+            if events:
+                await stream.send_all(b"".join(control.encode(e) for e in events))
+                seq = events[-1].seq
+            elif not follow:
+                return
+            else:
+                await hub.wait_after(seq)
 
     async def watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -206,6 +275,7 @@ class Daemon:
                 await self.stop()
 
     async def run(self, ready) -> None:
+        self.events.attach()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.serve_control)
             nursery.start_soon(self.watch_signals)
@@ -217,6 +287,7 @@ class Daemon:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(fuse_loop)
+            nursery.start_soon(self.fs.files.notifier.run)
             ready()
             nursery.start_soon(self.background_check)
 
@@ -224,7 +295,11 @@ class Daemon:
         """The integrity check of `fusestore check`, once, after the mount is up: its findings go
         to the log and to status. It never stops the mount."""
         try:
-            await self.fs.workers.run(_widen_readahead, self.mountpoint)
+            device = await self.fs.workers.run(_widen_readahead, self.mountpoint)
+            # The mount answers (the readahead step stats it through the daemon).
+            notify_systemd(f"READY=1\nSTATUS=serving {self.store.backing} on {self.mountpoint}\nMAINPID={os.getpid()}")
+            if self.notify_watchers and device is not None:
+                self.fs.files.notifier.start(self.mountpoint, device)
             report = await self.fs.workers.run(maintenance.check, self.store, True)
             # Count what backups take now, so that the first commit need not (their budget).
             await self.fs.workers.run(self.store.backups.usage)
@@ -246,18 +321,20 @@ class Daemon:
 READAHEAD_KB = 1024
 
 
-def _widen_readahead(mountpoint: str) -> None:
-    """Blocking: call from a worker thread while the mount is served."""
+def _widen_readahead(mountpoint: str) -> int | None:
+    """Blocking: call from a worker thread while the mount is served. Returns the mount's
+    device number."""
     os.stat(mountpoint)  # answered by the daemon, so INIT is through
     device = mount_device(mountpoint)
     if device is None:
-        return
+        return None
     path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
     try:
         with open(path, "w") as f:
             f.write(str(READAHEAD_KB))
     except OSError as e:
         log.debug("readahead left at the kernel's default (%s: %s)", path, e.strerror)
+    return device
 
 
 def serve(backing: str, mountpoint: str, options: list[str], config_path: str | None,
@@ -287,6 +364,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         entry_timeout = float(opts.get("entry_timeout") or mount_cfg.entry_timeout)
         page_cache = switch(opts, "page_cache", mount_cfg.page_cache)
         passthrough = switch(opts, "passthrough", mount_cfg.passthrough)
+        notify_watchers = switch(opts, "notify_watchers", mount_cfg.notify_watchers) and "ro" not in opts
         store = Store(backing, config)
     except (MountError, config_mod.ConfigError, ValueError) as e:
         report(f"error: {e}")
@@ -330,6 +408,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         fuse_options.discard("default_permissions")
     if "ro" in opts:
         fuse_options.add("ro")
+    fuse_options |= KERNEL_FLAGS.intersection(opts)
     try:
         pyfuse3.init(fs, mountpoint, fuse_options)
     except RuntimeError as e:
@@ -337,7 +416,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         cache.close()
         store.close()
         return 1
-    daemon = Daemon(store, fs, mountpoint, len(recovered))
+    daemon = Daemon(store, fs, mountpoint, len(recovered), notify_watchers)
     log.info("serving %s on %s (pid %d, %d staged file(s) recovered)", backing, mountpoint, os.getpid(), len(recovered))
     clean = False
     try:
@@ -347,6 +426,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         log.exception("the daemon stopped on an error")
         raise
     finally:
+        fs.files.notifier.stop()
         pyfuse3.close(unmount=True)
         try:
             os.unlink(store.state.socket_path)
@@ -356,6 +436,22 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         store.close()
         log.info("stopped%s", "" if clean else " after an error")
     return 0
+
+
+def notify_systemd(message: str) -> None:
+    """sd_notify(3): tell the service manager that started us (NOTIFY_SOCKET, a Type=notify
+    unit) how we are; nothing without one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as e:
+        log.warning("could not notify the service manager at %s: %s", os.environ["NOTIFY_SOCKET"], e)
 
 
 def _raise_fd_limit() -> None:

@@ -54,8 +54,14 @@ def load(path: str, doc_type: str | None = None, as_struct: bool = False):
         doc_type = config_mod.load(backing).rule_for(relpath).schema
         if doc_type is None:
             raise ValueError(f"{path} is not bound to a document schema")
+    return migrated(data, doc_type, path, as_struct)
+
+
+def migrated(data: bytes, doc_type: str, where: str, as_struct: bool = False):
+    """Document `data` of type `doc_type`, checked against its schema and migrated in memory
+    to the current version (ValueError naming `where` when it does not pass)."""
     reason = schemas.check(doc_type, data)
     if reason is not None:
-        raise ValueError(f"{path}: {reason}")
+        raise ValueError(f"{where}: {reason}")
     document = schemas.MIGRATIONS.migrate(doc_type, msgspec.json.decode(data))
     return msgspec.convert(document, schemas.TYPES[doc_type]) if as_struct else document

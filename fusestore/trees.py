@@ -220,6 +220,32 @@ class TreeWriter:
                 raise Rejected(relpath, self._reason(relpath), None) from None
             raise
 
+    def delete(self, relpath: str) -> None:
+        """Remove file `relpath`, its content kept as backup generation 1 (as an unlink through
+        the mount does); FileNotFoundError when there is none."""
+        *parents, name = components(relpath)
+        dir_fd = open_dir(self._base_fd, parents)
+        try:
+            if self.mount_fd is None:
+                self.store.keep_backup(dir_fd, name, relpath)
+                os.unlink(name, dir_fd=dir_fd)
+                os.fsync(dir_fd)
+            else:
+                os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def restore(self, relpath: str, generation: int) -> None:
+        """Commit backup `generation` of `relpath` as its new content (the current content
+        becomes generation 1); FileNotFoundError when there is no such generation."""
+        src = self.store.backups.open_generation(relpath, generation)
+        try:
+            self.write(relpath, src)
+        finally:
+            os.close(src)
+        if self.mount_fd is not None:
+            control.note(self.store.state.path, "restore", relpath, generation=generation)
+
     def _reason(self, relpath: str) -> str:
         """The daemon's reason for refusing `relpath` (from its status), as far as it says."""
         try:

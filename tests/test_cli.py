@@ -139,8 +139,11 @@ def test_backups_lists_generations_with_validity(mount):
     report = json.loads(r.stdout)
     assert [g["generation"] for g in report] == [1, 2]
     assert report[0]["valid"] and not report[1]["valid"]
-    text = fusestore("backups", str(mount.backing / "a.json")).stdout
-    assert "gen" in text and "yes" in text and "no:" in text
+    lines = fusestore("backups", str(mount.backing / "a.json")).stdout.splitlines()
+    assert lines[0].split() == ["gen", "superseded", "size", "valid", "then", "changed"]
+    assert lines[1].split()[3:] == ["yes", "1", "changed:", "$.v"]
+    assert lines[2].split()[3:5] == ["no", "+1"]  # {broken is text, then {"v": 1} replaced it
+    assert lines[3].strip().startswith("invalid: line 1, column 2")
     r = fusestore("backups", str(mount / "never.json"), check=False)
     assert r.returncode == 1 and "no backups" in r.stderr
 

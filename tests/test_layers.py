@@ -3,8 +3,9 @@ modules import each other without a cycle (the README's architecture section dra
 
     engine   config, store, backups, validate, schemas, cache, maintenance, ...: no FUSE
     fs       the FUSE layer: request handlers, inodes, open files, the virtual views
-    client   trees, control, and the Python API (cache, projects): work from outside a daemon
-    top      daemon (fs + client), cli, __main__
+    client   trees, control, events, and the Python API (cache, projects, tree): work from
+             outside a daemon
+    top      daemon (fs + client), cli, mount_helper, __main__
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fusestore"
-CLIENT = {"fusestore.trees", "fusestore.control", "fusestore.cache", "fusestore.projects"}
+CLIENT = {"fusestore.trees", "fusestore.control", "fusestore.events", "fusestore.cache", "fusestore.projects",
+          "fusestore.tree"}
 ALLOWED = {"engine": {"engine"}, "fs": {"engine", "fs"}, "client": {"engine", "client"},
            "top": {"engine", "fs", "client", "top"}}
 

@@ -63,6 +63,11 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _RESERVED = {METADATA, INDEX_JSON}
 _OWN_FIELDS = ("type", "key", "file", "cachedAt", "expiresAt", "usageCount", "lastUsedAt")
 _COUNTERS = ("hits", "misses", "inserts", "evictions", "expired")
+_LEAVING = {"evictions": "lru", "expired": "expired", None: "cleared"}  # the reason of a cache-evict event
+
+
+def _no_events(kind: str, path: str, **fields) -> None:
+    """The `emit` of a cache nobody follows."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries(
@@ -237,6 +242,9 @@ class Cache:
         # Index rows as last read or written here, with the index version then (`_row`).
         self._rows: dict[tuple[str, str], tuple[int, tuple | None]] = {}
         self.owner = _process_token(os.getpid()) or str(os.getpid())
+        # Told of each insert and of each entry that leaves (`fusestore.events`), from any
+        # thread: emit(kind, path, **fields). The daemon's event ring, or a note to it.
+        self.emit: Callable[..., None] = _no_events
         self._open_index(verify)
         self.recover()
 
@@ -311,8 +319,8 @@ class Cache:
                 pass
 
     class _Transaction:
-        def __init__(self, db: sqlite3.Connection, durable: bool):
-            self.db, self.durable = db, durable
+        def __init__(self, cache: "Cache", db: sqlite3.Connection, durable: bool):
+            self.cache, self.db, self.durable = cache, db, durable
 
         def __enter__(self) -> sqlite3.Connection:
             if not self.durable:
@@ -321,11 +329,15 @@ class Cache:
             return self.db
 
         def __exit__(self, exc_type, exc, tb) -> None:
+            retired, self.cache._local.retired = getattr(self.cache._local, "retired", []), []
             try:
                 self.db.execute("ROLLBACK" if exc_type else "COMMIT")
             finally:
                 if not self.durable:
                     self.db.execute("PRAGMA synchronous=FULL")
+            if not exc_type:
+                for kind, key, counter in retired:
+                    self.cache.emit("cache-evict", f".cache/{kind}/{key}", reason=_LEAVING[counter])
 
     def index_version(self) -> int:
         """A number that changes whenever a change to the index is committed, by this process
@@ -338,7 +350,7 @@ class Cache:
 
     def _write(self, durable: bool = True) -> "Cache._Transaction":
         """A write transaction; other processes' writers wait for it (readers never do)."""
-        return Cache._Transaction(self.db, durable)
+        return Cache._Transaction(self, self.db, durable)
 
     @staticmethod
     def _count(db: sqlite3.Connection, kind: str, name: str, n: int = 1) -> None:
@@ -640,6 +652,7 @@ class Cache:
             evicted = self._choose_victims(db)
         os.fsync(type_fd)
         build.discard()
+        self.emit("cache-insert", f".cache/{kind}/{key}", size=size)
         if evicted:
             self._finish_removals()
         return self._entry(row)  # what this call wrote, even if another process replaced it since
@@ -658,6 +671,7 @@ class Cache:
                    (kind, key, ino, self.owner))
         if counter:
             self._count(db, kind, counter)
+        self._local.__dict__.setdefault("retired", []).append((kind, key, counter))
 
     def _choose_victims(self, db: sqlite3.Connection) -> int:
         """Inside a write transaction: retire the least recently used entries until the total

@@ -127,10 +127,18 @@ class Mount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Those reads served by the kernel from the backing file itself (FUSE passthrough), where
     # the kernel (6.9 or later), libfuse (3.17 or later) and the daemon's privileges allow it.
     passthrough: bool = True
+    # After each commit, an IN_MODIFY for inotify watchers of the file (fs/watchers.py): one
+    # more request per commit.
+    notify_watchers: bool = True
+    # Events the daemon keeps for `fusestore events --since` and for followers that fall
+    # behind (one that falls further is dropped with a marker).
+    events_kept: int = 10000
 
     def __post_init__(self) -> None:
         if self.attr_timeout < 0 or self.entry_timeout < 0:
             raise ValueError("mount timeouts must not be negative")
+        if self.events_kept < 1:
+            raise ValueError("mount.events_kept must be at least 1")
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,

@@ -28,6 +28,7 @@ import os
 import stat
 import time
 import urllib.parse
+from typing import Callable
 
 import msgspec
 
@@ -62,6 +63,10 @@ class Invalid(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def _no_events(kind: str, relpath: str, **fields) -> None:
+    """The `emit` of a store nobody follows (no daemon)."""
 
 
 def _without_setid(mode: int) -> int:
@@ -110,6 +115,9 @@ class Store:
         # fsync costs a journal wait, which then stays off the path of a file's open().
         self._pool: list[tuple[int, str]] = []
         self._rules = functools.lru_cache(maxsize=16384)(config.rule_for)
+        # Told of each commit, rejection and quarantine (`fusestore.events`; the daemon's
+        # EventHub.emit, or nothing): emit(kind, relpath, **fields), from any thread.
+        self.emit: Callable[..., None] = _no_events
 
     def close(self) -> None:
         self._drain_pool()
@@ -258,6 +266,7 @@ class Store:
             self.keep_backups_in_budget()
         self.stats.commits += 1
         log.debug("committed %s", relpath)
+        self.emit("commit", relpath, size=os.fstat(stage.fd).st_size, generation=1 if kept else None)
         return current
 
     def commit_once(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str) -> None:
@@ -285,6 +294,7 @@ class Store:
         kept = f"bytes kept in quarantine as {quarantined}" if quarantined else "nothing was changed"
         log.warning("rejected %s: %s (%s)", relpath, reason, kept)
         self.project_event(relpath, "errors.log", "error", "rejected", reason=reason, quarantined=quarantined)
+        self.emit("reject", relpath, reason=reason, quarantined=quarantined)
         return Rejected(relpath, reason, quarantined)
 
     def quarantined_after_refusal(self, relpath: str, quarantined: str | None) -> None:
@@ -321,6 +331,7 @@ class Store:
         self.stats.quarantined += 1
         if report:
             self.project_event(relpath, "warnings.log", "warning", "quarantined", reason=reason, quarantined=name)
+            self.emit("quarantine", relpath, reason=reason, quarantined=name)
         return name
 
     def project_event(self, relpath: str, log_name: str, level: str, event: str, **fields) -> None:

@@ -45,6 +45,7 @@ from fusestore.engine.paths import fallocate
 from fusestore.engine.store import Invalid, Rejected, Stage, Store
 from fusestore.fs.nodes import InodeTable, Node
 from fusestore.fs.virtual import Attrs
+from fusestore.fs.watchers import CommitNotifier
 from fusestore.fs.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class Files:
         self._committing = 0  # commits under way in workers
         self._written: set[Node] = set()  # nodes with write-capable handles
         self._commit_seconds = 0.0  # how long commits take, a moving average
+        self.notifier = CommitNotifier()  # started by the daemon once the mount answers
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -514,8 +516,10 @@ class Files:
             node.stage = None
             # The kernel followed the open version's size through the writes and truncations
             # it passed on: it holds the committed size.
-            node.known = version_key(os.fstat(stage.fd))
+            st = os.fstat(stage.fd)
+            node.known = version_key(st)
             os.close(stage.fd)
+            self.notifier.committed(relpath, st.st_size)
             node.commits += 1
             node.backed_up = True
             node.refusal_recorded = False

@@ -335,6 +335,13 @@ class Filesystem(pyfuse3.Operations):
             st = await vnode.view.stat(vnode) if not writer.dirty else os.fstat(writer.fd)
             return self._entry(inode, st)
         node = self._node(inode)
+        if ctx.pid == self.files.notifier.pid:
+            # The daemon's own truncate to the size a file has, after its commit: only the
+            # inotify event the kernel raises for it was wanted (fs/watchers.py). The reply is
+            # not cached, so the kernel keeps what it knew: nothing after the commit.
+            entry = self._entry(inode, self._stat(node))
+            entry.attr_timeout = 0
+            return entry
         if fields.update_size:
             if node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
@@ -507,15 +514,17 @@ class Filesystem(pyfuse3.Operations):
         node = self.inodes.find(parent, name)
         if node is not None:
             await self.files.keep_open_version(node)
-        await self.workers.run(self._unlink_keeping_backup, parent.fd, name, relpath)
+        kept = await self.workers.run(self._unlink_keeping_backup, parent.fd, name, relpath)
+        self.store.emit("delete", relpath, generation=1 if kept else None)
         if node is not None:
             self.inodes.unplace(node)
         if st.st_nlink > 1:
             await self._drop_cached_attrs(self.links.others(st, node.ino if node else None))
 
-    def _unlink_keeping_backup(self, dir_fd: int, name: bytes, relpath: str) -> None:
-        self.store.keep_backup(dir_fd, name, relpath)
+    def _unlink_keeping_backup(self, dir_fd: int, name: bytes, relpath: str) -> bool:
+        kept = self.store.keep_backup(dir_fd, name, relpath)
         os.unlink(name, dir_fd=dir_fd)
+        return kept
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
@@ -560,12 +569,13 @@ class Filesystem(pyfuse3.Operations):
         for n in moving:
             n.moving = True
         try:
-            await self.workers.run(
+            kept = await self.workers.run(
                 self._rename, old_parent.fd, name_old, new_parent.fd, name_new, flags, src_rel, dst_rel, dst_st
             )
         finally:
             for n in moving:
                 n.moving = False
+        self.store.emit("rename", dst_rel, source=src_rel, generation=1 if kept else None)
         if dst is not None:
             self.inodes.unplace(dst)
         if src is not None:
@@ -575,7 +585,7 @@ class Filesystem(pyfuse3.Operations):
         elif dst_st is not None and dst_st.st_nlink > 1:  # the replaced file lost a name
             await self._drop_cached_attrs(self.links.others(dst_st, dst.ino if dst else None))
 
-    def _rename(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_st) -> None:
+    def _rename(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_st) -> bool:
         # Content that may not stand under its new name is refused before anything moves.
         replacing = dst_st.st_size if dst_st is not None and stat.S_ISREG(dst_st.st_mode) else None
         reason = self.store.check_file(old_fd, name_old, dst_rel, replacing)
@@ -583,12 +593,14 @@ class Filesystem(pyfuse3.Operations):
             reason = self.store.check_file(new_fd, name_new, src_rel)
         if reason is not None:
             raise self.store.rejected(dst_rel, f"rename of {src_rel}: {reason}", None)
+        kept = False
         if dst_st is not None and not flags & (RENAME_EXCHANGE | RENAME_NOREPLACE):
-            self.store.keep_backup(new_fd, name_new, dst_rel)
+            kept = self.store.keep_backup(new_fd, name_new, dst_rel)
         renameat2(old_fd, name_old, new_fd, name_new, flags)
         os.fsync(new_fd)
         if old_fd != new_fd:
             os.fsync(old_fd)
+        return kept
 
     # -- files -----------------------------------------------------------------------------
 
