@@ -15,6 +15,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 
 import pyfuse3
@@ -104,6 +105,56 @@ class _OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class DurableLogHandler(logging.FileHandler):
+    """The daemon's log file, kept for reading after a crash: each line is written at once (a
+    crash of the daemon loses none), and the file is fsynced within `SYNC_SECONDS` of a line
+    (a crash of the machine loses at most that much) by a thread of its own, one fsync for all
+    the lines of that time, never one per line; `sync()` makes it durable at once (after the
+    lines that explain a crash: mount, recovery, stop)."""
+
+    SYNC_SECONDS = 1.0
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._sync_fd = os.dup(self.stream.fileno())  # fsynced without the handler's lock
+        self._dirty = threading.Event()
+        self._closing = False
+        threading.Thread(target=self._sync_soon, name="fusestore-log-sync", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self._dirty.set()
+
+    def sync(self) -> None:
+        self._dirty.clear()
+        try:
+            os.fsync(self._sync_fd)
+        except OSError:
+            pass  # a log that cannot be synced must not stop the daemon
+
+    def _sync_soon(self) -> None:
+        while not self._closing:
+            self._dirty.wait()
+            time.sleep(self.SYNC_SECONDS)  # the lines of that second: one fsync
+            if not self._closing:
+                self.sync()
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self.sync()
+            self._dirty.set()
+            os.close(self._sync_fd)
+        super().close()
+
+
+def sync_log() -> None:
+    """Make every line logged so far durable (see DurableLogHandler)."""
+    for handler in logging.getLogger("fusestore").handlers:
+        if isinstance(handler, DurableLogHandler):
+            handler.sync()
+
+
 def setup_logging(store: Store, foreground: bool, debug: str | None) -> None:
     """Log to the state directory (and stderr in the foreground). Each module logs to its own
     logger under "fusestore" (`fusestore.fs.files`, `fusestore.engine.store`, ...): `debug`
@@ -115,7 +166,7 @@ def setup_logging(store: Store, foreground: bool, debug: str | None) -> None:
         for name in debug.split(":") if debug else [""]:
             logging.getLogger(f"fusestore.{name}".rstrip(".")).setLevel(logging.DEBUG)
     fmt = _OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
-    handler = logging.FileHandler(store.state.log_path)
+    handler = DurableLogHandler(store.state.log_path)
     handler.setFormatter(fmt)
     root.addHandler(handler)
     if foreground:
@@ -418,6 +469,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         return 1
     daemon = Daemon(store, fs, mountpoint, len(recovered), notify_watchers)
     log.info("serving %s on %s (pid %d, %d staged file(s) recovered)", backing, mountpoint, os.getpid(), len(recovered))
+    sync_log()  # what a crash of the machine must not take: the mount and what it recovered
     clean = False
     try:
         trio.run(daemon.run, lambda: report("ok"))
@@ -435,6 +487,7 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         cache.close()
         store.close()
         log.info("stopped%s", "" if clean else " after an error")
+        sync_log()
     return 0
 
 

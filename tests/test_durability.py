@@ -89,3 +89,23 @@ def test_fsync_of_a_direct_file_reaches_the_backing_file_before_it_returns(mount
         os.close(fd)
     assert first(calls, "fsync|fdatasync", r"/app\.db>$") < returned
     assert (mount.backing / "app.db").read_bytes()[:13] == b"committed row"
+
+
+def test_log_lines_reach_the_disk_within_a_second_without_an_fsync_each(mount):
+    """The log says why after a crash of the machine: lines are fsynced within about a second,
+    all the lines of that second by one fsync, never an fsync per line."""
+    def rejections():
+        for i in range(20):
+            try:
+                with open(mount / f"bad{i}.json", "w") as f:
+                    f.write("{")
+            except OSError:
+                pass
+        rejections.done = time.time()
+        time.sleep(2.0)
+
+    calls, _ = trace_commit(mount, rejections)
+    syncs = [t for t, name, args in calls if name in ("fsync", "fdatasync") and "fusestore.log>" in args]
+    assert "rejected bad19.json" in (mount.state / "fusestore.log").read_text()
+    assert 1 <= len(syncs) <= 3, syncs  # 20 rejections, 20 log lines
+    assert rejections.done - 1 < syncs[-1] < rejections.done + 1.6

@@ -83,7 +83,8 @@ def main() -> int:
     project = f"public/projects/{PROJECT}"
     print(f"fusestore serves {backing}\n            on {mnt}")
     sh(f"ls {project}", mnt)
-    sh(f"python3 -c \"import json; d=json.load(open('{project}/metadata.json')); d['status']='rendering'; "
+    sh(f"python3 -c \"import json, time; d=json.load(open('{project}/metadata.json')); d['status']='rendering'; "
+       f"d['updatedAt']=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()); "
        f"json.dump(d, open('{project}/metadata.json','w'), indent=2)\"", mnt)
     sh(f"grep status {project}/metadata.json", mnt)
     step(f"echo '{{\"status\": broken' > {project}/metadata.json   # invalid JSON")
@@ -95,6 +96,7 @@ def main() -> int:
     sh(f"grep status {project}/metadata.json   # unchanged", mnt)
     sh(f"ls .backups/{project}/metadata.json && cat .backups/{project}/metadata.json/1 | grep status", mnt)
     sh(f"fusestore backups {project}/metadata.json", mnt)
+    sh(f"fusestore diff {project}/metadata.json   # what the last commit changed", mnt)
     url = "https://images.example.com/octopus.jpg"
     sh(f"key=$(fusestore cache key {url}) && mkdir -p .cache/media/$key && "
        f"head -c 20000 /dev/urandom > .cache/media/$key/image.jpg && "
@@ -102,6 +104,7 @@ def main() -> int:
        f"ls -l .cache/media/$key", mnt)
     sh(f"fusestore cache get {url} && fusestore cache stats", mnt)
     sh("fusestore status", mnt)
+    sh("fusestore events --no-follow   # what the daemon did, one line each", mnt)
     if once:
         subprocess.run([*fusestore, "unmount", mnt])
         daemon.wait(timeout=30)
@@ -115,6 +118,7 @@ The demo tree stays mounted on {mnt} until you press Ctrl-C. Things to try in an
   ls ../../../.backups/{project}/scripts/tags.json    # backup generations 1, 2, 3
   fusestore restore scripts/tags.json                # undo (fusestore is in .venv/bin)
   ls {mnt}/.cache/media; fusestore cache ls           # the media/TTS cache
+  fusestore events                                   # follow commits and rejections as they come
   fusestore status""")
     try:
         daemon.wait()
