@@ -17,7 +17,7 @@ import pytest
 
 from conftest import fusestore
 from fusestore import cache, control
-from fusestore.events import Note
+from fusestore.events import EventHub, Note
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,3 +231,15 @@ def test_notes_are_limited_to_what_other_processes_make(mount):
     reply = control.ask(str(mount.state), control.Request("note", note=Note("commit", "x.json")))
     assert not reply.ok and "restore" in reply.error
     assert not [e for e in _events(mount) if e["path"] == "x.json"]
+
+
+def test_the_ring_keeps_the_newest_and_counts_what_a_follower_lost():
+    hub = EventHub(keep=5)
+    for i in range(8):
+        hub.emit("commit", f"f{i}")
+    assert [e.seq for e in hub.after(6)[0]] == [7, 8] and hub.after(6)[1] == 0
+    assert [e.seq for e in hub.after(0)[0]] == [4, 5, 6, 7, 8] and hub.after(0)[1] == 3  # 1-3 are gone
+    assert hub.after(8) == ([], 0)
+    assert [e.path for e in hub.after(3)[0]] == ["f3", "f4", "f5", "f6", "f7"]
+    assert hub.since(time.time() + 60) == 8  # the last event before that moment
+    assert hub.since(0) == 3  # before all it keeps: follow from its oldest
