@@ -522,8 +522,11 @@ class Filesystem(pyfuse3.Operations):
             await self._drop_cached_attrs(self.links.others(st, node.ino if node else None))
 
     def _unlink_keeping_backup(self, dir_fd: int, name: bytes, relpath: str) -> bool:
+        """Unlink, durably: an acknowledged delete stays done after a crash of the machine
+        (the backup is made durable first, so a crash in between loses nothing either)."""
         kept = self.store.keep_backup(dir_fd, name, relpath)
         os.unlink(name, dir_fd=dir_fd)
+        os.fsync(dir_fd)
         return kept
 
     @_errors
