@@ -91,20 +91,29 @@ class BlockLog(pyfuse3.Operations):
 
 
 def replay(base: str, log_path: str):
-    """Yield (flush number, image) after each flush mark of the log, the image being the base
-    with every write logged before that mark (one bytearray, changed in place)."""
+    """Yield (flush number, image, writes after it) for each flush mark of the log: the image is
+    the base with every write logged before that mark (one bytearray, changed in place between
+    yields); the writes are those logged after the mark and before the next one, as (offset,
+    data): a disk with a volatile cache may have kept any of them when the power went."""
     with open(base, "rb") as f:
         image = bytearray(f.read())
+    number, pending = None, []
     with open(log_path, "rb") as log:
         while kind := log.read(1):
             if kind == b"W":
                 off, length = struct.unpack("<QQ", log.read(16))
-                image[off:off + length] = log.read(length)
+                pending.append((off, log.read(length)))
             elif kind == b"F":
+                if number is not None:
+                    yield number, image, pending
+                for off, data in pending:
+                    image[off:off + len(data)] = data
                 (number,) = struct.unpack("<Q", log.read(8))
-                yield number, image
+                pending = []
             else:
                 raise ValueError(f"bad record {kind!r} in {log_path}")
+    if number is not None:
+        yield number, image, pending
 
 
 def read_flushes(path: str) -> int:
