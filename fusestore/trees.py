@@ -227,9 +227,7 @@ class TreeWriter:
         dir_fd = open_dir(self._base_fd, parents)
         try:
             if self.mount_fd is None:
-                self.store.keep_backup(dir_fd, name, relpath)
-                os.unlink(name, dir_fd=dir_fd)
-                os.fsync(dir_fd)
+                self.store.remove(dir_fd, name, relpath)
             else:
                 os.unlink(name, dir_fd=dir_fd)
         finally:

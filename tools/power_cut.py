@@ -344,10 +344,9 @@ def main() -> int:
         if problems:
             failures += 1
             print(f"after flush {number}: " + "; ".join(problems[:5]))
-    lost = failures
     print(f"power cuts: {checked} crash states of {total} flushes checked ({kept_after} unflushed writes kept), "
           f"{commits} acknowledged file operations, {quarantined} staged files quarantined in all, "
-          f"{lost} state(s) with a problem")
+          f"{failures} state(s) with a problem")
     subprocess.run(["rm", "-rf", str(work)])
     return 1 if failures else 0
 

@@ -397,6 +397,15 @@ class Store:
 
     # -- whole-file operations on the tree -------------------------------------------------
 
+    def remove(self, dir_fd: int, name: str | bytes, relpath: str) -> bool:
+        """Unlink `name`, durably: its content kept as a backup (made durable first, so a crash
+        in between loses nothing), then the directory fsynced, so that a delete that returned
+        stays done after a crash of the machine. Returns whether a backup was kept."""
+        kept = self.keep_backup(dir_fd, name, relpath)
+        os.unlink(name, dir_fd=dir_fd)
+        os.fsync(dir_fd)
+        return kept
+
     def keep_backup(self, dir_fd: int, name: str | bytes, relpath: str) -> bool:
         """Keep the current regular file `name` as a backup when its rule wants backups."""
         if not self.rule(relpath).backups:

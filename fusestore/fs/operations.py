@@ -514,20 +514,12 @@ class Filesystem(pyfuse3.Operations):
         node = self.inodes.find(parent, name)
         if node is not None:
             await self.files.keep_open_version(node)
-        kept = await self.workers.run(self._unlink_keeping_backup, parent.fd, name, relpath)
+        kept = await self.workers.run(self.store.remove, parent.fd, name, relpath)
         self.store.emit("delete", relpath, generation=1 if kept else None)
         if node is not None:
             self.inodes.unplace(node)
         if st.st_nlink > 1:
             await self._drop_cached_attrs(self.links.others(st, node.ino if node else None))
-
-    def _unlink_keeping_backup(self, dir_fd: int, name: bytes, relpath: str) -> bool:
-        """Unlink, durably: an acknowledged delete stays done after a crash of the machine
-        (the backup is made durable first, so a crash in between loses nothing either)."""
-        kept = self.store.keep_backup(dir_fd, name, relpath)
-        os.unlink(name, dir_fd=dir_fd)
-        os.fsync(dir_fd)
-        return kept
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
