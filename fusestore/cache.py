@@ -24,7 +24,6 @@ from fusestore import control
 from fusestore.engine import config as config_mod
 from fusestore.engine.cache import TYPES, Cache, CacheError, CacheStats, Entry, Slot, directory
 from fusestore.engine.jskey import cache_key
-from fusestore.engine.state import STATE_NAME
 from fusestore.trees import find_tree, fusestore_mounts
 
 __all__ = ["open", "cache_key", "Cache", "CacheError", "CacheStats", "Entry", "Slot", "TYPES"]
@@ -35,9 +34,9 @@ def open(root: str | None = None, clock: Callable[[], float] = time.time) -> Cac
     holds the current directory), configured by that tree's `fusestore.toml`."""
     backing = find_tree(root)
     config = config_mod.load(backing)
-    c = Cache(directory(backing, config.cache), config.cache, clock=clock)
+    c = Cache(directory(backing, config.cache), config.cache, clock=clock, host=control.host_of(backing))
     if any(os.path.realpath(b) == backing for _m, b in fusestore_mounts()):
         # Inserts and evictions made here reach the event stream of the daemon serving the tree.
-        state = os.path.join(backing, STATE_NAME)
+        state = control.daemon_dir(backing)
         c.emit = lambda kind, path, **fields: control.note(state, kind, path, **fields)
     return c

@@ -17,13 +17,14 @@ from fusestore import cache, control, projects
 from fusestore import events as events_mod
 from fusestore.engine import config as config_mod
 from fusestore.engine import diffs, maintenance, procs, schemas
+from fusestore.engine import state as state_mod
 from fusestore.engine.cache import iso
 from fusestore.engine.errors import FusestoreError
 from fusestore.engine.jskey import cache_key
 from fusestore.engine.paths import one_line
 from fusestore.engine.state import STATE_NAME
 from fusestore.engine.store import Rejected, Store
-from fusestore.trees import TreeWriter, find_tree, fusestore_mounts, mount_of, tree_above
+from fusestore.trees import TreeWriter, find_tree, fusestore_mounts, mount_device, mount_of, tree_above
 
 
 class CommandError(FusestoreError):
@@ -130,7 +131,7 @@ def _wait_gone(pid: int, mountpoint: str, timeout: float = 60) -> bool:
 
 def cmd_unmount(args) -> int:
     mountpoint, backing = find_mount(args.mountpoint, None)
-    state = os.path.join(backing, STATE_NAME)
+    state = control.daemon_dir(backing, mount_device(mountpoint))
     pid = -1
     try:
         reply = control.ask(state, "status", timeout=10)
@@ -165,7 +166,7 @@ def _when(ts: float) -> str:
 def cmd_status(args) -> int:
     mountpoint, backing = find_mount(args.mountpoint, args.root)
     try:
-        reply = control.ask(os.path.join(backing, STATE_NAME), "status", timeout=30)
+        reply = control.ask(control.daemon_dir(backing, mount_device(mountpoint)), "status", timeout=30)
     except (OSError, ConnectionError) as e:
         raise CommandError(f"the daemon serving {mountpoint} does not answer ({e})") from None
     s = reply.status
@@ -183,6 +184,7 @@ def cmd_status(args) -> int:
         f" ({s.quarantined} this run, {s.recovered_at_mount} recovered at mount)",
         f"backups:      {s.backup_files} file(s), {s.backup_generations} generation(s), {_size(s.backup_bytes)}",
         f"reads:        {s.read_path}",
+        f"hosts:        {_hosts_line(s)}",
     ]
     if s.cache is not None:
         c = s.cache
@@ -202,6 +204,19 @@ def cmd_status(args) -> int:
         lines.append(f"  rejected {_when(r.time)} {one_line(r.path)}: {one_line(r.reason)}")
     print("\n".join(lines))
     return 0
+
+
+def _hosts_line(s: control.Status) -> str:
+    """The hosts serving the tree (several share a tree on a network filesystem), this one first."""
+    parts = []
+    for h in sorted(s.hosts, key=lambda h: h.id != s.host):
+        if h.id == s.host:
+            parts.append(f"{h.id} (this daemon, pid {s.pid})")
+        elif h.serving:
+            parts.append(f"{h.id} (serving, pid {h.pid} on {h.machine})")
+        else:
+            parts.append(f"{h.id} ({'retired' if h.retired else 'not serving'})")
+    return ", ".join(parts) or s.host
 
 
 def _parse_since(value: str) -> float:
@@ -238,7 +253,8 @@ def cmd_events(args) -> int:
     after = 0 if args.no_follow and since is None and args.after is None else args.after  # all it keeps
     out = sys.stdout.buffer
     try:
-        for event in control.events(os.path.join(backing, STATE_NAME), after, since, not args.no_follow):
+        for event in control.events(control.daemon_dir(backing, mount_device(mountpoint)), after, since,
+                                    not args.no_follow):
             out.write(msgspec.json.encode(event) + b"\n" if args.json else _describe(event).encode() + b"\n")
             out.flush()
     except (OSError, ConnectionError) as e:
@@ -268,7 +284,7 @@ def _generation_reports(store: Store, relpath: str) -> list[GenerationReport]:
 
 
 def _open_store(backing: str) -> Store:
-    return Store(backing, config_mod.load(backing))
+    return Store(backing, config_mod.load(backing), control.host_of(backing))
 
 
 def cmd_backups(args) -> int:
@@ -485,6 +501,10 @@ def _progress(label: str):
 
 def cmd_check(args) -> int:
     backing = _tree_arg(args.backing)
+    if args.host is not None:
+        if not args.repair:
+            raise CommandError("--host names a host to recover: use it with --repair")
+        return _recover_host(backing, args.host)
     served = any(os.path.realpath(b) == backing for _m, b in fusestore_mounts())
     writer = _writer(backing) if args.repair else None
     store = writer.store if writer else _open_store(backing)
@@ -508,6 +528,31 @@ def cmd_check(args) -> int:
           + (f"{len(left)} problem(s) left{'' if args.repair else ' (fusestore check --repair restores from backups)'}"
              if left else "nothing to repair"))
     return 1 if left else 0
+
+
+def _recover_host(backing: str, host: str) -> int:
+    """`check --repair --host ID`: what a host that died left (its staged files, its work on the
+    cache) is recovered from here, as its next daemon would; the host is then marked retired, so
+    that it no longer counts as one of the tree's hosts (a daemon started for it again clears that)."""
+    if not os.path.isdir(os.path.join(backing, STATE_NAME, state_mod.HOSTS_NAME, host)):
+        raise CommandError(f"{backing} has no host {host!r} (see fusestore status)")
+    config = config_mod.load(backing)
+    store = Store(backing, config, host)
+    try:
+        try:
+            store.state.lock()
+        except state_mod.Busy:
+            raise CommandError(f"host {host} serves {backing} now: only a host that is gone can be recovered") from None
+        recovered = store.recover()
+        with cache.Cache(cache.directory(backing, config.cache), config.cache, host=control.host_of(backing)) as c:
+            finished = c.recover(dead_hosts=frozenset({host}))
+        store.state.retire()
+    finally:
+        store.close()
+    print(f"host {host}: {len(recovered)} staged file(s) moved to its quarantine "
+          f"({os.path.join(STATE_NAME, state_mod.HOSTS_NAME, host, 'quarantine')}), "
+          f"{finished} cache change(s) finished; the host is retired")
+    return 0
 
 
 def cmd_migrate(args) -> int:
@@ -609,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="integrity report of a tree; --repair restores from backups")
     p.add_argument("backing", metavar="BACKING")
     p.add_argument("--repair", action="store_true")
+    p.add_argument("--host", metavar="ID", help="with --repair: recover what the host ID, gone, left")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
 

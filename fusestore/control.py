@@ -1,4 +1,4 @@
-"""The daemon's control socket, `state/control.sock`: status, unmount and event requests from the
+"""The daemon's control socket, `state/hosts/<host id>/control.sock`: status, unmount and event requests from the
 CLI and the API.
 
 One JSON request line, one JSON reply line (a line per event for `events`), msgspec Structs.
@@ -17,6 +17,7 @@ import msgspec
 
 from fusestore.engine.cache import CacheStats
 from fusestore.engine.maintenance import Report
+from fusestore.engine.state import HOSTS_NAME, STATE_NAME, Host, default_host_id
 from fusestore.engine.store import Rejection
 from fusestore.events import Event, Note
 
@@ -56,6 +57,8 @@ class Status(msgspec.Struct):
     cache: CacheStats | None = None
     check: Report | None = None  # the background check at mount; None while it runs
     read_path: str = ""  # how reads of committed files are served (Files.read_path)
+    host: str = ""  # the host id this daemon serves the tree as
+    hosts: list[Host] = []  # every host of the tree (state.hosts), this one included
 
 
 class Reply(msgspec.Struct):
@@ -78,6 +81,41 @@ def encode(msg: msgspec.Struct) -> bytes:
     return msgspec.json.encode(msg) + b"\n"
 
 
+def daemon_dir(backing: str, device: int | None = None) -> str:
+    """The host directory (`state/hosts/<id>`) of the daemon this process should talk to about
+    `backing`: the one serving the mount of device number `device`, when given and found;
+    else this host's (FUSESTORE_HOST_ID or the hostname); else one of another host id on this
+    machine (a daemon mounted with `-o host_id`)."""
+    hosts_path = os.path.join(backing, STATE_NAME, HOSTS_NAME)
+    own = os.path.join(hosts_path, default_host_id())
+    try:
+        names = sorted(os.listdir(hosts_path))
+    except OSError:
+        return own
+    machine = socket.gethostname()
+    here = []
+    for name in names:
+        try:
+            with open(os.path.join(hosts_path, name, "lock"), "rb") as f:
+                words = f.read(200).decode(errors="replace").split()
+        except OSError:
+            continue
+        if device is not None and words[2:3] == [str(device)]:
+            return os.path.join(hosts_path, name)
+        if words[1:2] == [machine]:
+            here.append(name)
+    if os.path.exists(os.path.join(own, "control.sock")) or not here:
+        return own
+    return os.path.join(hosts_path, here[0])
+
+
+def host_of(backing: str, device: int | None = None) -> str:
+    """The host id this process acts as on `backing`: the one of the daemon it would talk to
+    (`daemon_dir`), so that a command beside a mount made with `-o host_id` makes no host
+    directory of its own."""
+    return os.path.basename(daemon_dir(backing, device))
+
+
 def _connect(state_path: str, timeout: float | None) -> socket.socket:
     dfd = os.open(state_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -94,7 +132,7 @@ def _connect(state_path: str, timeout: float | None) -> socket.socket:
 
 
 def ask(state_path: str, cmd: str | Request, timeout: float = 60.0) -> Reply:
-    """Send one request to the daemon serving the tree whose state directory is `state_path`."""
+    """Send one request to the daemon whose host directory is `state_path` (`daemon_dir`)."""
     with _connect(state_path, timeout) as sock:
         sock.sendall(encode(cmd if isinstance(cmd, Request) else Request(cmd)))
         data = b""

@@ -24,7 +24,8 @@ import trio
 from fusestore import control
 from fusestore.engine import cache as cache_mod
 from fusestore.engine import config as config_mod
-from fusestore.engine import maintenance
+from fusestore.engine import locks, maintenance
+from fusestore.engine import state as state_mod
 from fusestore.engine.cache import Cache
 from fusestore.engine.errors import FusestoreError
 from fusestore.engine.paths import one_line
@@ -49,7 +50,7 @@ class MountError(FusestoreError):
 
 
 KNOWN_OPTIONS = {"xattr", "show_virtual", "allow_other", "ro", "attr_timeout", "entry_timeout", "debug", "page_cache",
-                 "passthrough", "notify_watchers"}
+                 "passthrough", "notify_watchers", "host_id"}
 
 
 def parse_options(values: list[str]) -> dict[str, str]:
@@ -202,6 +203,8 @@ class Daemon:
             cache=self.fs.cache_view.cache.stats(),
             check=self.check_report,
             read_path=self.fs.files.read_path(),
+            host=self.store.state.host,
+            hosts=state_mod.hosts(self.store.state.fd),
         )
 
     async def stop(self) -> int:
@@ -416,8 +419,8 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         page_cache = switch(opts, "page_cache", mount_cfg.page_cache)
         passthrough = switch(opts, "passthrough", mount_cfg.passthrough)
         notify_watchers = switch(opts, "notify_watchers", mount_cfg.notify_watchers) and "ro" not in opts
-        store = Store(backing, config)
-    except (MountError, config_mod.ConfigError, ValueError) as e:
+        store = Store(backing, config, opts.get("host_id") or None)
+    except (FusestoreError, ValueError) as e:
         report(f"error: {e}")
         return 1
     except OSError as e:
@@ -425,7 +428,8 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         return 1
     try:
         store.state.lock()
-    except Busy as e:
+        shared_with = _check_locks(store)
+    except (Busy, MountError) as e:
         store.close()
         report(f"error: {e}")
         return 1
@@ -438,11 +442,22 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
     os.umask(0)
     _raise_fd_limit()
     recovered = store.recover()
+    if shared_with:
+        log.info("serving the tree as host %s beside host(s) %s", store.state.host, ", ".join(shared_with))
+        store.backups.recount_seconds = BACKUPS_RECOUNT_SECONDS
     try:
-        cache = Cache(cache_mod.directory(backing, config.cache), config.cache, verify=True)
+        cache = Cache(cache_mod.directory(backing, config.cache), config.cache, verify=True, host=store.state.host)
     except (OSError, sqlite3.Error) as e:
         where = cache_mod.directory(backing, config.cache)
         report(f"error: cannot open the cache {where}: {getattr(e, 'strerror', None) or e}")
+        store.close()
+        return 1
+    if shared_with and cache.journal_mode == "wal":
+        # WAL needs memory shared by every process using the index: one host's.
+        report(f"error: the cache index of {backing} is in WAL mode, held open by a process that predates "
+               f"this version (a daemon or program of host(s) {', '.join(shared_with)}): remount or restart it, "
+               "so that the index takes the rollback journal hosts can share")
+        cache.close()
         store.close()
         return 1
     fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts, page_cache=page_cache,
@@ -467,6 +482,9 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         cache.close()
         store.close()
         return 1
+    device = mount_device(mountpoint)
+    if device is not None:
+        store.state.announce(device)  # how `fusestore status MOUNT` finds this daemon's socket
     daemon = Daemon(store, fs, mountpoint, len(recovered), notify_watchers)
     log.info("serving %s on %s (pid %d, %d staged file(s) recovered)", backing, mountpoint, os.getpid(), len(recovered))
     sync_log()  # what a crash of the machine must not take: the mount and what it recovered
@@ -489,6 +507,50 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         log.info("stopped%s", "" if clean else " after an error")
         sync_log()
     return 0
+
+
+# With other hosts serving the tree, the bytes the backups take (their budget) are counted again
+# by a walk this often: the other hosts' generations come and go unseen.
+BACKUPS_RECOUNT_SECONDS = 60.0
+
+
+def _check_locks(store: Store) -> list[str]:
+    """The other hosts that have served the tree. Serving it beside them needs byte-range locks
+    that hold across hosts (engine.locks): where the filesystem refuses them, only one host may
+    ever serve the tree, and a second is refused, naming the filesystem."""
+    others = [h.id for h in _hosts_or_unknown(store) if h.id != store.state.host and not h.retired]
+    try:
+        store.locks.probe()
+    except locks.LocksUnsupported as e:
+        fstype = filesystem_type(store.backing)
+        if others:
+            raise MountError(
+                f"{store.backing} is on a {fstype} filesystem without byte-range locks ({e.strerror}), which hosts "
+                f"serving one tree need; it is served as host(s) {', '.join(others)} (if one is gone for good: "
+                f"fusestore check --repair --host ID)") from None
+        log.warning("%s is on a %s filesystem without byte-range locks (%s): one host only may serve it",
+                    store.backing, fstype, e.strerror)
+        store.locks.disable()
+    return others
+
+
+def _hosts_or_unknown(store: Store) -> list[state_mod.Host]:
+    try:
+        return state_mod.hosts(store.state.fd)
+    except OSError:  # no locks to test: every host directory counts
+        return [state_mod.Host(name, False) for name in sorted(os.listdir(store.state.hosts_fd))]
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem that holds `path` (nfs4, ceph, ext4...), from /proc."""
+    real, best, fstype = os.path.realpath(path), "", "unknown"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            point = left.split()[4].replace("\\040", " ")
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, fstype = point, right.split()[0]
+    return fstype
 
 
 def notify_systemd(message: str) -> None:

@@ -80,7 +80,8 @@ class Tree:
         self.backing = os.path.realpath(backing)
         self.lock_timeout = lock_timeout
         self.config = config_mod.load(self.backing)
-        self._store = Store(self.backing, self.config)  # reads: backups, versions (no lock needed)
+        # Reads: backups, versions (no lock needed).
+        self._store = Store(self.backing, self.config, control.host_of(self.backing))
 
     def close(self) -> None:
         self._store.close()
@@ -195,4 +196,4 @@ class Tree:
             raise TreeError(f"no mount serves {self.backing}: events come from the daemon of a mount")
         if not follow and since is None and after is None:
             after = 0
-        return control.events(os.path.join(self.backing, STATE_NAME), after, since, follow)
+        return control.events(control.daemon_dir(self.backing), after, since, follow)

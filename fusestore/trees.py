@@ -122,11 +122,12 @@ class TreeWriter:
         self.backing = os.path.realpath(backing)
         served = [(m, dev) for m, b, dev in _fusestore_mountinfo() if os.path.realpath(b) == self.backing]
         self.mountpoint = served[0][0] if served else None
+        self.device = served[0][1] if served else None
         # Everything through the mount is done relative to this fd, never by path: if the mount
         # goes away meanwhile, writes fail (ENOTCONN) instead of landing under the mountpoint.
         self.mount_fd = open_mount_root(*served[0]) if served else None
         try:
-            self.store = Store(self.backing, config_mod.load(self.backing))
+            self.store = Store(self.backing, config_mod.load(self.backing), control.host_of(self.backing, self.device))
         except BaseException:
             self._close_mount()
             raise
@@ -151,6 +152,9 @@ class TreeWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _daemon_dir(self) -> str:
+        return control.daemon_dir(self.backing, self.device)
 
     @property
     def _base_fd(self) -> int:
@@ -242,12 +246,12 @@ class TreeWriter:
         finally:
             os.close(src)
         if self.mount_fd is not None:
-            control.note(self.store.state.path, "restore", relpath, generation=generation)
+            control.note(self._daemon_dir(), "restore", relpath, generation=generation)
 
     def _reason(self, relpath: str) -> str:
         """The daemon's reason for refusing `relpath` (from its status), as far as it says."""
         try:
-            status = control.ask(os.path.join(self.backing, STATE_NAME), "status", timeout=10).status
+            status = control.ask(self._daemon_dir(), "status", timeout=10).status
             for r in reversed(status.recent_rejections if status else []):
                 if r.path == relpath:
                     return r.reason

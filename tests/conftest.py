@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,16 @@ def fusestore(*args: str, check: bool = True, **kw) -> subprocess.CompletedProce
     return result
 
 
+def host_dir(backing: Path, host_id: str | None = None) -> Path:
+    """The state a host keeps of its own in a tree (`.fusestore/hosts/<id>`)."""
+    return Path(backing) / ".fusestore" / "hosts" / (host_id or socket.gethostname())
+
+
+def daemon_pid(backing: Path, host_id: str | None = None) -> int:
+    """The pid the daemon serving `backing` as `host_id` wrote into its lock."""
+    return int((host_dir(backing, host_id) / "lock").read_text().split()[0])
+
+
 def is_mounted(path: Path) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
@@ -64,15 +75,25 @@ class Mount:
         return self.backing / ".fusestore"
 
     @property
+    def host(self) -> Path:
+        """This host's own state: staging, quarantine, lock, log (the shared rest is `state`)."""
+        return host_dir(self.backing, self.host_id)
+
+    @property
+    def host_id(self) -> str:
+        ids = [o.partition("=")[2] for o in self.options if o.startswith("host_id=")]
+        return ids[-1] if ids else socket.gethostname()
+
+    @property
     def quarantine(self) -> list[Path]:
-        return sorted(p for p in (self.state / "quarantine").iterdir() if not p.name.endswith(".reason"))
+        return sorted(p for p in (self.host / "quarantine").iterdir() if not p.name.endswith(".reason"))
 
     def start(self) -> None:
         args = ["mount", str(self.backing), str(self.mnt)]
         for opt in self.options:
             args += ["-o", opt]
         fusestore(*args)
-        self.pid = int((self.state / "lock").read_text().strip())
+        self.pid = daemon_pid(self.backing, self.host_id)
 
     def stop(self) -> None:
         if is_mounted(self.mnt):

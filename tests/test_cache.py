@@ -254,7 +254,7 @@ def test_index_is_rebuilt_when_missing_or_damaged(tmp_path, clock):
         keys = {c.put(f"https://x/{i}", b"x" * i, "media").key for i in range(1, 6)}
         c.get("https://x/3")
     (root / "index.sqlite").unlink()
-    for extra in ("index.sqlite-wal", "index.sqlite-shm"):
+    for extra in ("index.sqlite-journal", "index.sqlite-wal", "index.sqlite-shm"):
         (root / extra).unlink(missing_ok=True)
     with Cache(str(root), clock=clock) as c:
         assert {e.key for e in c.entries()} == keys

@@ -173,7 +173,7 @@ def test_restore_on_an_unmounted_tree(make_mount):
     m.stop()
     fusestore("restore", str(m.backing / "a.json"))
     assert json.loads((m.backing / "a.json").read_text()) == {"v": 0}
-    assert not [n for n in os.listdir(m.state / "staging") if not n.startswith("pool-")]
+    assert not [n for n in os.listdir(m.host / "staging") if not n.startswith("pool-")]
     r = fusestore("restore", str(m.backing / "a.json"), "--generation", "7", check=False)
     assert r.returncode == 1 and "no backup generation 7" in r.stderr
 
@@ -265,7 +265,7 @@ def test_mount_reasons_for_a_missing_mountpoint_and_a_missing_dev_fuse(tree, mon
 def test_control_socket_survives_bad_clients(mount):
     import socket as socket_mod
 
-    state_fd = os.open(mount.state, os.O_PATH)
+    state_fd = os.open(mount.host, os.O_PATH)
     path = f"/proc/self/fd/{state_fd}/control.sock"
     try:
         for payload in (b"", b"garbage\n", b'{"cmd": "nope"}\n', b'{"cmd": "status"}\n'):

@@ -141,7 +141,7 @@ def test_sigkill_during_commits_loses_nothing(make_mount, capsys):
             quarantined_bytes += len(data)
             # Staged data of an unfinished write: a prefix of some version of that file.
             assert any(version(i, n).startswith(data) for n in range(next_n, max_n + 50)), reason
-        assert not [n for n in os.listdir(m.state / "staging") if not n.startswith("pool-")]
+        assert not [n for n in os.listdir(m.host / "staging") if not n.startswith("pool-")]
         lost = [n for n in made if not (m.backing / f"made-{n}").exists()]
         assert not lost, f"round {round_no}: files created read-only and closed were lost: {lost[:5]}"
         next_n = max_n + 1
@@ -323,7 +323,7 @@ def test_sigkill_under_mixed_concurrent_load(make_mount, capsys):
         if (m.mnt / "s.json").exists():  # written and restored: always some complete version
             doc = json.loads((m.mnt / "s.json").read_bytes())
             assert (m.mnt / "s.json").read_bytes() == mixed_body("s.json", doc["n"])
-        assert not [n for n in os.listdir(m.state / "staging") if not n.startswith("pool-")]
+        assert not [n for n in os.listdir(m.host / "staging") if not n.startswith("pool-")]
         # The next round goes on from the highest number seen, whatever survived.
         start["rename"] = max(start["rename"], acked_r) + 1000
         start["create"] = max([start["create"], *created]) + 1000

@@ -259,7 +259,7 @@ def test_check_on_an_unmounted_tree_reports_and_quarantines_leftover_stages(make
     m = make_mount()
     project_id = fusestore("new-project", str(m.mnt)).stdout.strip()
     m.stop()
-    staged = m.state / "staging" / f"{time.time_ns()}-1-0.public%2Fprojects%2F{project_id}%2Fscripts%2Fx.json"
+    staged = m.host / "staging" / f"{time.time_ns()}-1-0.public%2Fprojects%2F{project_id}%2Fscripts%2Fx.json"
     staged.write_text('{"half": ')
     report = json.loads(fusestore("check", str(m.backing), "--json", check=False).stdout)
     assert report["ok"] is False
@@ -281,7 +281,7 @@ def test_the_mount_runs_the_check_in_the_background(make_mount):
         time.sleep(0.1)
     kinds = {(f["kind"], f["path"].rsplit("/", 1)[1]) for f in status["check"]["findings"]}
     assert ("invalid", "timeline.json") in kinds and ("missing", "metadata.json") in kinds
-    assert "check:" in (m.state / "fusestore.log").read_text()
+    assert "check:" in (m.host / "fusestore.log").read_text()
 
 
 def test_gc_drops_old_backups_but_keeps_the_newest_of_live_files(make_mount):

@@ -106,6 +106,6 @@ def test_log_lines_reach_the_disk_within_a_second_without_an_fsync_each(mount):
 
     calls, _ = trace_commit(mount, rejections)
     syncs = [t for t, name, args in calls if name in ("fsync", "fdatasync") and "fusestore.log>" in args]
-    assert "rejected bad19.json" in (mount.state / "fusestore.log").read_text()
+    assert "rejected bad19.json" in (mount.host / "fusestore.log").read_text()
     assert 1 <= len(syncs) <= 3, syncs  # 20 rejections, 20 log lines
     assert rejections.done - 1 < syncs[-1] < rejections.done + 1.6

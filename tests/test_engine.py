@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from conftest import host_dir
 from fusestore.engine import config, validate
 from fusestore.engine.backups import Backups
 from fusestore.engine.store import Invalid, Rejected, Store
@@ -154,7 +155,7 @@ def test_rejected_commit_leaves_target_and_quarantines(store, tmp_path):
     assert "truncated" in info.value.reason
     assert (tmp_path / "a.json").read_bytes() == b"[1]"
     [entry] = store.quarantine_entries()
-    assert (tmp_path / ".fusestore/quarantine" / entry).read_bytes() == b"[1,"
+    assert (host_dir(tmp_path) / "quarantine" / entry).read_bytes() == b"[1,"
     assert store.stats.rejections == 1
 
 
@@ -212,9 +213,9 @@ def test_recovery_quarantines_staged_files_with_their_path(store, tmp_path):
     found = dict(store.recover())
     assert set(found) == {"dir/new.json", long_rel, "nothing.txt"}
     assert found["nothing.txt"] is None, "an empty staged file holds nothing worth keeping"
-    assert os.listdir(tmp_path / ".fusestore/staging") == []
-    assert (tmp_path / ".fusestore/quarantine" / found["dir/new.json"]).read_bytes() == b'{"half": '
-    assert (tmp_path / ".fusestore/quarantine" / found[long_rel]).read_bytes() == b"long"
+    assert os.listdir(host_dir(tmp_path) / "staging") == []
+    assert (host_dir(tmp_path) / "quarantine" / found["dir/new.json"]).read_bytes() == b'{"half": '
+    assert (host_dir(tmp_path) / "quarantine" / found[long_rel]).read_bytes() == b"long"
     for s in (stage, long_stage, empty):
         os.close(s.fd)
 
@@ -345,3 +346,59 @@ def test_publish_syncs_renames_and_names_the_step_that_failed(tmp_path):
     finally:
         for f in (fd, src_dir, dst_dir):
             os.close(f)
+
+
+@pytest.fixture
+def no_rename_flags(monkeypatch):
+    """A filesystem whose renameat2 takes no flags (NFS, CephFS: EINVAL), as the engine meets it."""
+    import ctypes
+
+    from fusestore.engine import paths
+
+    real = paths._renameat2
+
+    def renameat2(src_dir, src, dst_dir, dst, flags):
+        if flags:
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return real(src_dir, src, dst_dir, dst, flags)
+
+    monkeypatch.setattr(paths, "_renameat2", renameat2)
+
+
+def test_commits_backups_quarantine_and_cache_where_rename_takes_no_flags(tmp_path, no_rename_flags):
+    from fusestore.engine.cache import Cache
+
+    store = Store(str(tmp_path), config.Config())
+    try:
+        for n in range(3):  # staged from the pool (renamed without replacing), backups kept
+            dir_fd, name = store.open_parent_creating("d/a.json")
+            try:
+                stage = store.new_stage("d/a.json")
+                os.write(stage.fd, json.dumps({"n": n}).encode())
+                store.commit_once(stage, dir_fd, name, "d/a.json")
+            finally:
+                os.close(dir_fd)
+            store.refill_pool()
+        assert json.loads((tmp_path / "d/a.json").read_text()) == {"n": 2}
+        assert [g.number for g in store.backups.generations("d/a.json")] == [1, 2]
+        dir_fd, name = store.open_parent_creating("d/a.json")
+        try:
+            stage = store.new_stage("d/a.json")
+            os.write(stage.fd, b"{broken")
+            with pytest.raises(Rejected):
+                store.commit_once(stage, dir_fd, name, "d/a.json")
+        finally:
+            os.close(dir_fd)
+        quarantine = host_dir(tmp_path) / "quarantine"
+        assert [(quarantine / q).read_bytes() for q in store.quarantine_entries()] == [b"{broken"]
+        assert not [n for n in os.listdir(host_dir(tmp_path) / "staging") if not n.startswith("pool-")]
+    finally:
+        store.close()
+    with Cache(str(tmp_path / "cache")) as c:
+        c.put("https://x/1", b"one", "media")
+        c.put("https://x/1", b"two", "media")  # replaces the entry: exchanged by two renames
+        entry = c.get("https://x/1")
+        assert open(entry.path, "rb").read() == b"two"
+        assert [e.key for e in c.entries()] == [entry.key]
+        assert os.listdir(tmp_path / "cache" / ".tmp") == []

@@ -205,10 +205,10 @@ def test_followers_each_get_every_event_live(mount):
 def test_a_follower_that_does_not_read_is_dropped_with_a_marker(make_mount, tmp_path):
     (tmp_path / "backing" / "fusestore.toml").write_text("[mount]\nevents_kept = 20\n")
     m = make_mount()
-    state = str(m.state)
+    state = str(m.host)
     slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.connect(str(m.state / "control.sock"))
+    slow.connect(str(m.host / "control.sock"))
     slow.sendall(control.encode(control.Request("events")))
     time.sleep(0.2)
     long_path = "p" * 3000
@@ -228,7 +228,7 @@ def test_a_follower_that_does_not_read_is_dropped_with_a_marker(make_mount, tmp_
 
 
 def test_notes_are_limited_to_what_other_processes_make(mount):
-    reply = control.ask(str(mount.state), control.Request("note", note=Note("commit", "x.json")))
+    reply = control.ask(str(mount.host), control.Request("note", note=Note("commit", "x.json")))
     assert not reply.ok and "restore" in reply.error
     assert not [e for e in _events(mount) if e["path"] == "x.json"]
 

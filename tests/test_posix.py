@@ -188,7 +188,7 @@ def test_fsync_commits_the_open_version(mount):
     # Durable and in place before close(): POSIX promises it at fsync, databases rely on it.
     assert (mount.backing / "f.txt").read_text() == "new"
     assert (mount / "f.txt").read_text() == "new"
-    assert [n for n in os.listdir(mount.state / "staging") if not n.startswith("pool-")] == []
+    assert [n for n in os.listdir(mount.host / "staging") if not n.startswith("pool-")] == []
     os.write(fd, b" and more")  # onto what it committed
     os.close(fd)
     assert (mount / "f.txt").read_text() == "new and more"

@@ -42,7 +42,7 @@ def test_bad_json_is_rejected_with_ebadmsg_and_quarantined(mount, case):
     assert kept.read_bytes() == data
     reason = json.loads(kept.with_name(kept.name + ".reason").read_text())
     assert reason["path"] == "doc.json" and where in reason["reason"]
-    log = (mount.state / "fusestore.log").read_text()
+    log = (mount.host / "fusestore.log").read_text()
     assert "rejected doc.json" in log and where in log
     status = mount.status()
     assert status["rejections"] == 1 and status["recent_rejections"][0]["path"] == "doc.json"

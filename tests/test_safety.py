@@ -155,7 +155,7 @@ def test_real_virtual_names_in_the_backing_tree_are_reported_not_lost(tree):
         assert "2 problem(s)" in fusestore("status", str(mnt)).stdout
         r = fusestore("check", str(mnt), check=False)
         assert r.returncode == 1 and "shadowed       .backups: is in the backing tree" in r.stdout
-        assert "shadowed .backups" in (m.state / "fusestore.log").read_text()
+        assert "shadowed .backups" in (m.host / "fusestore.log").read_text()
     finally:
         m.stop()
     assert (backing / ".backups/mine.json").read_text() == '{"mine": 1}'
@@ -179,7 +179,7 @@ def test_long_names_and_control_characters_in_names(mount):
     assert sorted(os.listdir(mount.mnt)) == sorted([longest, "tab\there.json"])
     assert sorted(os.listdir(mount / ".backups")) == [longest]
     # One event per line: the name cannot forge a line of the log or of status.
-    log = (mount.state / "fusestore.log").read_text()
+    log = (mount.host / "fusestore.log").read_text()
     assert "INFO all is well" not in [line.split(" ", 2)[-1] for line in log.splitlines()]
     assert "rejected bad\\n2026-01-01 00:00:00,000 INFO all is well\\x1b[2J.json: line 1" in log
     status = subprocess.run([sys.executable, "-m", "fusestore", "status", str(mount.mnt)],

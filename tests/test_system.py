@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FUSESTORE, is_mounted
+from conftest import FUSESTORE, host_dir, is_mounted
 from fusestore import mount_helper
 
 pytestmark = pytest.mark.timeout(90)
@@ -53,7 +53,7 @@ def test_fstab_line_mount_and_umount(tree, tmp_path):
         mount -T {fstab} {mnt} || exit 10
         grep " {mnt} " /proc/self/mountinfo
         echo '{{"from": "fstab"}}' > {mnt}/doc.json || exit 11
-        pid=$(cat {backing}/.fusestore/lock)
+        pid=$(cut -d' ' -f1 {backing}/.fusestore/hosts/$(hostname)/lock)
         umount {mnt} || exit 12
         for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
         kill -0 $pid 2>/dev/null && exit 13
@@ -64,7 +64,7 @@ def test_fstab_line_mount_and_umount(tree, tmp_path):
     line = next(x for x in result.stdout.splitlines() if f" {mnt} " in x)
     assert "fuse.fusestore" in line and "nosuid" in line and "noexec" in line
     assert json.loads((backing / "doc.json").read_text()) == {"from": "fstab"}
-    log = (backing / ".fusestore" / "fusestore.log").read_text()
+    log = (host_dir(backing) / "fusestore.log").read_text()
     assert log.rstrip().endswith("INFO stopped")
     assert not is_mounted(mnt)
 
@@ -105,7 +105,7 @@ def test_lazy_umount_commits_what_a_writer_still_holds(tree, tmp_path):
     """))
     result = in_namespace(tmp_path, f"""
         mount -t fusestore {backing} {mnt} || exit 10
-        pid=$(cat {backing}/.fusestore/lock)
+        pid=$(cut -d' ' -f1 {backing}/.fusestore/hosts/$(hostname)/lock)
         {sys.executable} {writer} > {tmp_path}/writer.out &
         while ! grep -q open {tmp_path}/writer.out 2>/dev/null; do sleep 0.05; done
         umount {mnt} 2>/dev/null && exit 11   # busy, as any filesystem with an open file
@@ -117,7 +117,7 @@ def test_lazy_umount_commits_what_a_writer_still_holds(tree, tmp_path):
     """)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((backing / "late.json").read_text()) == {"half": "done"}
-    assert not list((backing / ".fusestore" / "quarantine").iterdir())
+    assert not list((host_dir(backing) / "quarantine").iterdir())
 
 
 def test_helper_arguments():

@@ -4,7 +4,6 @@ commit path (the mount when served, the engine under the tree's lock otherwise).
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import subprocess
@@ -14,8 +13,9 @@ import time
 
 import pytest
 
-from conftest import fusestore
+from conftest import fusestore, host_dir
 from fusestore import tree as fstree
+from fusestore.engine import locks
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,7 +82,7 @@ def test_without_a_mount(tree):
     assert seen == EXPECTED
     assert json.loads((backing / "docs/state.json").read_text()) == {"step": 1}
     assert (backing / "docs/state.json").read_text().startswith("{\n  ")  # written as the pipeline does
-    quarantined = [p for p in (backing / ".fusestore/quarantine").iterdir() if not p.name.endswith(".reason")]
+    quarantined = [p for p in (host_dir(backing) / "quarantine").iterdir() if not p.name.endswith(".reason")]
     assert [p.read_bytes() for p in quarantined] == [b'{"step": 3']
 
 
@@ -103,11 +103,13 @@ def test_through_a_mount(mount):
 def test_waits_for_a_writer_holding_the_lock(tree):
     """Another process commits directly (the lock held for a moment): the API waits its turn."""
     backing, _ = tree
-    (backing / ".fusestore").mkdir()
+    lock = host_dir(backing) / "lock"
+    lock.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", f"""
-import fcntl, os, time
-fd = os.open({str(backing / '.fusestore/lock')!r}, os.O_RDWR | os.O_CREAT, 0o600)
-fcntl.flock(fd, fcntl.LOCK_EX)
+import os, time
+from fusestore.engine import locks
+fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT, 0o600)
+locks.lock_exclusive(fd)
 print("held", flush=True)
 time.sleep(0.5)
 """], stdout=subprocess.PIPE, text=True)
@@ -118,20 +120,21 @@ time.sleep(0.5)
     assert time.monotonic() - start > 0.2
     holder.wait()
     assert json.loads((backing / "a.json").read_text()) == {"waited": True}
-    fd = os.open(backing / ".fusestore/lock", os.O_RDWR)
+    fd = os.open(lock, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go after the write
+        assert locks.lock_exclusive(fd, wait=False)  # let go after the write
     finally:
         os.close(fd)
 
 
 def test_a_lock_held_too_long_is_an_error(tree):
     backing, _ = tree
-    (backing / ".fusestore").mkdir()
-    fd = os.open(backing / ".fusestore/lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = host_dir(backing) / "lock"
+    lock.parent.mkdir(parents=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     done = threading.Event()
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        locks.lock_exclusive(fd)
         with fstree.open(str(backing), lock_timeout=0.3) as t:
             with pytest.raises(fstree.TreeError, match="waited 0.3s"):
                 t.write("a.txt", b"x")
@@ -139,6 +142,24 @@ def test_a_lock_held_too_long_is_an_error(tree):
     finally:
         os.close(fd)
     assert done.is_set() and not (backing / "a.txt").exists()
+
+
+def test_a_tree_of_the_one_host_layout_is_adopted(tree):
+    """A tree whose staging, quarantine and lock sit at the top of the state directory (made
+    before hosts had directories): its staged and quarantined files move into this host's."""
+    backing, _ = tree
+    state = backing / ".fusestore"
+    for name in ("staging", "quarantine", "backups"):
+        (state / name).mkdir(parents=True)
+    (state / "lock").write_text("123\n")
+    (state / "staging" / "1-1-0.a.json").write_bytes(b'{"half": ')
+    (state / "quarantine" / "old-entry").write_bytes(b"kept")
+    with fstree.open(str(backing)) as t:
+        t.write_json("b.json", {"ok": True})
+    host = host_dir(backing)
+    assert (host / "quarantine" / "old-entry").read_bytes() == b"kept"
+    assert (host / "staging" / "1-1-0.a.json").read_bytes() == b'{"half": '  # the next mount recovers it
+    assert not (state / "staging").exists() and not (state / "lock").exists()
 
 
 def test_paths_stay_inside_the_tree(tree):

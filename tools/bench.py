@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -235,8 +236,8 @@ def proc_cpu(pid: int) -> float:
 
 
 def daemon_pid(backing: str) -> int:
-    with open(os.path.join(backing, ".fusestore", "lock")) as f:
-        return int(f.read().strip())
+    with open(os.path.join(backing, ".fusestore", "hosts", socket.gethostname(), "lock")) as f:
+        return int(f.read().split()[0])
 
 
 def big_json_commit(mnt: str, pid: int, size: int) -> tuple[float, float]:

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -51,6 +52,10 @@ def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
+
+
+def host_dir(tree: Path) -> Path:
+    return tree / ".fusestore" / "hosts" / socket.gethostname()
 
 
 def digest(data: bytes) -> str:
@@ -282,7 +287,7 @@ def main() -> int:
         run("mount", "-t", "ext4", loop, str(fs_dir))
         (fs_dir / "tree").mkdir()
         run(*FUSESTORE, "mount", str(fs_dir / "tree"), str(mnt))
-        daemon_pid = int((fs_dir / "tree/.fusestore/lock").read_text())
+        daemon_pid = int((host_dir(fs_dir / "tree") / "lock").read_text().split()[0])
         journal = Journal(str(flushes))
         workload(mnt, journal, args.ops, args.seed)
         total = journal.flushes()
@@ -327,10 +332,10 @@ def main() -> int:
                     report = json.loads(run(*FUSESTORE, "check", str(tree), "--json", check=False).stdout)
                     if not report["ok"]:
                         problems.append(f"fusestore check: {report['findings']}")
-                    left = os.listdir(tree / ".fusestore/staging")
+                    left = os.listdir(host_dir(tree) / "staging")
                     if left:
                         problems.append(f"staged data left outside the quarantine: {left}")
-                    quarantined += len([n for n in os.listdir(tree / ".fusestore/quarantine")
+                    quarantined += len([n for n in os.listdir(host_dir(tree) / "quarantine")
                                         if not n.endswith(".reason")])
                 elif any(f <= number for f, _, _ in journal.acks):
                     problems.append("the tree itself is missing")

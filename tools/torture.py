@@ -34,6 +34,7 @@ import errno
 import os
 import random
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -462,8 +463,8 @@ def main() -> int:
         os.mkdir(d)
     fusestore = [sys.executable, "-m", "fusestore"]
     subprocess.run([*fusestore, "mount", backing, mnt], check=True)
-    with open(os.path.join(backing, ".fusestore", "lock")) as f:
-        pid = int(f.read().strip())
+    with open(os.path.join(backing, ".fusestore", "hosts", socket.gethostname(), "lock")) as f:
+        pid = int(f.read().split()[0])
     before = daemon_usage(pid)
     t = time.monotonic()
     try:

@@ -58,13 +58,21 @@ class Backups:
         self.keep_count = keep
         self.budget = budget
         self._total: int | None = None  # bytes on disk of all generations, once walked
+        # Other hosts serving the tree keep and drop generations too, unseen by this count:
+        # with several hosts it is walked again when older than this many seconds (None: never).
+        self.recount_seconds: float | None = None
+        self._walked = 0.0
         self._lock = threading.Lock()  # guards _total
         self._trimming = threading.Lock()  # one trim at a time; others need not wait
 
     def usage(self) -> int:
         """Bytes on disk that all generations take (walks the backups once, then counts)."""
         with self._lock:
+            if self._total is not None and self.recount_seconds is not None \
+                    and time.monotonic() - self._walked > self.recount_seconds:
+                self._total = None
             if self._total is None:
+                self._walked = time.monotonic()
                 total = 0
                 for _dirpath, _dirs, files, dfd in os.fwalk(".", dir_fd=self.fd):
                     for name in files:
@@ -108,6 +116,9 @@ class Backups:
             return 0
         try:
             target = self.budget * 9 // 10
+            if self.recount_seconds is not None:
+                with self._lock:
+                    self._total = None  # count what every host added before choosing
             if self.usage() <= target:
                 return 0
             candidates = []

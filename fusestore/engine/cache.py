@@ -6,7 +6,8 @@ Layout of the cache directory (by default `.fusestore/cache` of the backing tree
     media/<key>/<data file>, media/<key>/metadata.json
     tts/<key>/<data file>,   tts/<key>/metadata.json
     rate-limits.json         request times per provider (see `acquire`)
-    index.sqlite             the index (WAL mode), rebuilt from the entries when missing or damaged
+    index.sqlite             the index (rollback journal, kept: PERSIST), rebuilt from the entries when
+                             missing or damaged
     .tmp/, .trash/           entries being built and entries being removed
 
 Guarantees:
@@ -14,10 +15,11 @@ Guarantees:
   place (exchanged with the previous entry of the same key, which is then removed). A reader
   holding an entry's data file open keeps reading it after the entry is replaced or evicted.
 - The index agrees with the entries after a crash at any point. Every structural change first
-  records an intent (type, key, owner pid) in a committed transaction; a process that finds an
-  intent whose owner is dead re-reads that key's entry from disk. Lookups heal a row whose entry
-  went missing. An index that cannot be opened is rebuilt by scanning the entries, which is also
-  how an existing cache directory of the spec's layout is adopted.
+  records an intent (type, key, owner: host, pid) in a committed transaction; a process that
+  finds an intent whose owner on its own host is dead re-reads that key's entry from disk.
+  Lookups heal a row whose entry went missing. An index that cannot be opened is rebuilt by
+  scanning the entries, which is also how an existing cache directory of the spec's layout is
+  adopted.
 - The total size (data and metadata of every entry, both types) stays under the limit after
   every insert by evicting the least recently used entries, found through the index (no scan).
 - Expired entries are never served: a lookup that meets one removes it, `gc` removes them all.
@@ -25,13 +27,21 @@ Guarantees:
   `metadata.json` on disk keeps what was true when the entry was written.
 
 All calls block; the filesystem calls them from worker threads. Each thread uses its own SQLite
-connection, and every process may open the same directory at once.
+connection, and every process may open the same directory at once, on this host or on another
+one sharing the tree over a network filesystem:
+- The index uses SQLite's rollback journal, whose locks are fcntl locks on the database file
+  (cluster-wide on NFSv4 and CephFS, as SQLite's own notes on network filesystems require);
+  WAL mode would need memory shared by every process using the index, which hosts do not share.
+- Work in progress is named by its owner's host and pid. A process judges (and recovers) only
+  what its own host's dead processes left; what a host that died left waits for that host's next
+  daemon, or for `fusestore check --repair --host ID` (`recover(dead_hosts=...)`).
+- Rate limits take an fcntl lock too; their windows compare times taken on different hosts, so
+  those hosts' clocks must agree (NTP).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import sqlite3
@@ -42,13 +52,13 @@ from typing import Any, Callable, Iterator, Mapping
 
 import msgspec
 
-from fusestore.engine import procs
+from fusestore.engine import locks, procs
 from fusestore.engine.config import Cache as CacheConfig
 from fusestore.engine.errors import FusestoreError
 from fusestore.engine.jskey import cache_key
 from fusestore.engine.jsontext import pretty
 from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE, clone_or_copy, renameat2
-from fusestore.engine.state import STATE_NAME
+from fusestore.engine.state import STATE_NAME, check_host_id, default_host_id
 from fusestore.engine.validate import check
 
 log = logging.getLogger(__name__)
@@ -88,7 +98,7 @@ CREATE TABLE IF NOT EXISTS intents(id INTEGER PRIMARY KEY,
     op TEXT NOT NULL,            -- 'put': re-read the key from disk; 'remove': its directory goes
     type TEXT NOT NULL, key TEXT NOT NULL,
     ino INTEGER,                 -- for 'remove': the directory to remove, if still in place
-    owner TEXT NOT NULL);        -- pid:starttime of the process doing it
+    owner TEXT NOT NULL);        -- pid:starttime@host of the process doing it
 """
 
 
@@ -203,10 +213,18 @@ def _check_file(name: str) -> str:
     return name
 
 
-def _own_name() -> str:
-    """A fresh name in `.tmp/` or `.trash/`: it starts with this process's pid, so `recover`
-    removes what a process that died left there."""
-    return f"{os.getpid()}-{uuid.uuid4().hex}"
+def _own_name(host: str) -> str:
+    """A fresh name in `.tmp/` or `.trash/`: `pid-random-host`, so that `recover` removes what a
+    process of its host that died left there."""
+    return f"{os.getpid()}-{uuid.uuid4().hex}-{host}"
+
+
+def _name_owner(name: str) -> tuple[int | None, str | None]:
+    """(pid, host) of a `.tmp/` or `.trash/` name; host None for a name made before names had
+    hosts (one host then)."""
+    parts = name.split("-", 2)
+    pid = int(parts[0]) if parts[0].isdigit() else None
+    return pid, parts[2] if len(parts) == 3 else None
 
 
 def _process_token(pid: int) -> str | None:
@@ -219,8 +237,10 @@ class Cache:
     """One cache directory. `clock` returns the current time (tests pass a fake one)."""
 
     def __init__(self, directory: str, config: CacheConfig | None = None, clock: Callable[[], float] = time.time,
-                 verify: bool = False):
+                 verify: bool = False, host: str | None = None):
         self.dir = os.path.abspath(directory)
+        self.host = check_host_id(host or default_host_id())
+        self.journal_mode = "persist"  # what the index's connections got (`_connect`)
         self.config = config or CacheConfig()
         self.clock = clock
         os.makedirs(self.dir, mode=0o755, exist_ok=True)
@@ -241,7 +261,7 @@ class Cache:
         self._version_db: sqlite3.Connection | None = None  # index_version's, never writes
         # Index rows as last read or written here, with the index version then (`_row`).
         self._rows: dict[tuple[str, str], tuple[int, tuple | None]] = {}
-        self.owner = _process_token(os.getpid()) or str(os.getpid())
+        self.owner = f"{_process_token(os.getpid()) or os.getpid()}@{self.host}"
         # Told of each insert and of each entry that leaves (`fusestore.events`), from any
         # thread: emit(kind, path, **fields). The daemon's event ring, or a note to it.
         self.emit: Callable[..., None] = _no_events
@@ -268,7 +288,14 @@ class Cache:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(os.path.join(self.dir, _INDEX_DB), timeout=60.0, isolation_level=None,
                              check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
+        try:
+            # PERSIST: the journal file stays between transactions (zeroed, not deleted), which
+            # saves a create and an unlink per transaction, round trips on a network filesystem.
+            # An index made in WAL mode leaves it here once no other process has it open.
+            self.journal_mode = db.execute("PRAGMA journal_mode=PERSIST").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            self.journal_mode = "wal"
+            log.warning("cache index: still in WAL mode while another process uses it (%s)", e)
         db.execute("PRAGMA synchronous=FULL")
         return db
 
@@ -311,7 +338,7 @@ class Cache:
             self._version_db = None
             self._rows.clear()
         self._local = threading.local()
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-journal", "-wal", "-shm"):
             try:
                 os.rename(os.path.join(self.dir, _INDEX_DB + suffix),
                           os.path.join(self.dir, _TRASH, f"damaged-{time.time_ns()}{_INDEX_DB}{suffix}"))
@@ -349,7 +376,7 @@ class Cache:
             return self._version_db.execute("PRAGMA data_version").fetchone()[0]
 
     def _write(self, durable: bool = True) -> "Cache._Transaction":
-        """A write transaction; other processes' writers wait for it (readers never do)."""
+        """A write transaction; other processes wait for its commit (busy timeout 60 s)."""
         return Cache._Transaction(self, self.db, durable)
 
     @staticmethod
@@ -531,7 +558,7 @@ class Cache:
     def draft(self, content: bytes | int | None = None) -> Draft:
         """A new file in `.tmp/` for an entry's data or metadata: empty, holding `content`
         (bytes), or a copy of the open file `content` (reflinked where the filesystem can)."""
-        name = _own_name()
+        name = _own_name(self.host)
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                      dir_fd=self._tmp_fd)
         draft = Draft(name, fd)
@@ -600,7 +627,7 @@ class Cache:
         return self._build(kind, key, current.file, fill, metadata, keep_times=current)
 
     def _new_build(self) -> "_Build":
-        name = _own_name()
+        name = _own_name(self.host)
         os.mkdir(name, 0o755, dir_fd=self._tmp_fd)
         return _Build(self, name, os.open(name, DIR_FLAGS, dir_fd=self._tmp_fd))
 
@@ -637,7 +664,7 @@ class Cache:
                 renameat2(self._tmp_fd, build.name, type_fd, key, RENAME_NOREPLACE)
             except FileExistsError:
                 # The previous entry is swapped out whole and removed after the commit.
-                renameat2(self._tmp_fd, build.name, type_fd, key, RENAME_EXCHANGE)
+                self._exchange(build.name, type_fd, key)
             else:
                 build.published = True
             row = (kind, key, file, size, ino, cached_at, expires_at, usage, last_used, last_used or cached_at,
@@ -656,6 +683,22 @@ class Cache:
         if evicted:
             self._finish_removals()
         return self._entry(row)  # what this call wrote, even if another process replaced it since
+
+    def _exchange(self, build_name: str, type_fd: int, key: str) -> None:
+        """Swap the built entry `build_name` in `.tmp/` with the entry `key`. Where the
+        filesystem cannot exchange (NFS, CephFS: EINVAL), the old entry is moved aside first:
+        meanwhile a reader finds no entry (a miss), and a crash then leaves none, which the
+        recovery of the intent puts right in the index."""
+        try:
+            renameat2(self._tmp_fd, build_name, type_fd, key, RENAME_EXCHANGE)
+            return
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        aside = _own_name(self.host)
+        renameat2(type_fd, key, self._tmp_fd, aside, RENAME_NOREPLACE)
+        renameat2(self._tmp_fd, build_name, type_fd, key, RENAME_NOREPLACE)
+        os.rename(aside, build_name, src_dir_fd=self._tmp_fd, dst_dir_fd=self._tmp_fd)  # discarded as the build
 
     def _intend(self, kind: str, key: str) -> int:
         with self._write() as db:
@@ -705,7 +748,7 @@ class Cache:
         try:
             if ino is not None and os.stat(key, dir_fd=type_fd, follow_symlinks=False).st_ino != ino:
                 return  # a newer entry took the key: it stays
-            renameat2(type_fd, key, self._trash_fd, _own_name())
+            renameat2(type_fd, key, self._trash_fd, _own_name(self.host))
         except FileNotFoundError:
             pass
 
@@ -726,9 +769,9 @@ class Cache:
         return len(keys)
 
     def _empty_trash(self) -> None:
-        prefix = f"{os.getpid()}-"
+        mine = (os.getpid(), self.host)
         for name in os.listdir(self._trash_fd):
-            if name.startswith(prefix):
+            if _name_owner(name) == mine:
                 _remove_tree(self._trash_fd, name)
 
     def clear(self, kind: str | None = None) -> int:
@@ -826,15 +869,27 @@ class Cache:
                 db.execute("INSERT OR REPLACE INTO entries VALUES(?,?,?,?,?,?,?,?,?,?,?)", row)
         return row
 
-    def recover(self) -> int:
+    def _dead(self, pid: int | None, host: str | None, dead_hosts: frozenset[str]) -> bool:
+        """Whether the process `pid` of `host` (None: a record of the one-host days) is gone, as
+        far as this host can tell: its own processes, and every process of `dead_hosts`."""
+        if host in dead_hosts:
+            return True
+        if host not in (self.host, None):
+            return False  # another host's: alive for all we know
+        return pid is None or (pid != os.getpid() and _process_token(pid) is None)
+
+    def recover(self, dead_hosts: frozenset[str] = frozenset()) -> int:
         """Finish the work of processes that died mid-change: each key they were changing is
-        re-read from disk. Also removes their half-built entries. Returns how many keys."""
+        re-read from disk. Also removes their half-built entries. Returns how many keys. Only
+        this host's processes are judged, and those of `dead_hosts` (hosts known gone)."""
         dead = []
         intents = self.db.execute("SELECT id, op, type, key, ino, owner FROM intents").fetchall()
         for ident, op, kind, key, ino, owner in intents:
-            pid, _, start = owner.partition(":")
-            token = _process_token(int(pid)) if pid.isdigit() else None
-            if token != owner:
+            token, at, host = owner.partition("@")
+            pid = token.partition(":")[0]
+            pid = int(pid) if pid.isdigit() else None
+            host = host if at else None
+            if host in dead_hosts or (host in (self.host, None) and (pid is None or _process_token(pid) != token)):
                 dead.append((ident, op, kind, key, ino))
         for ident, op, kind, key, ino in dead:
             if op == "remove":
@@ -854,8 +909,7 @@ class Cache:
                 self._finish_removals()
         for folder_fd in (self._tmp_fd, self._trash_fd):
             for name in os.listdir(folder_fd):
-                pid = name.split("-", 1)[0]
-                if not pid.isdigit() or (int(pid) != os.getpid() and _process_token(int(pid)) is None):
+                if self._dead(*_name_owner(name), dead_hosts):
                     _remove_tree(folder_fd, name)
         return len(dead)
 
@@ -885,7 +939,7 @@ class Cache:
             raise CacheError("a rate limit needs limit >= 1 and per_seconds > 0")
         lock = os.open("rate-limits.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            locks.lock_exclusive(lock)  # an fcntl lock: it holds across hosts on NFSv4 and CephFS
             state = self._read_rate_limits()
             now = self.clock()
             providers = state.setdefault("providers", {})
@@ -919,7 +973,7 @@ class Cache:
         return state if isinstance(state, dict) else {}
 
     def _write_rate_limits(self, state: dict) -> None:
-        tmp = f"{_TMP}/{_own_name()}"
+        tmp = f"{_TMP}/{_own_name(self.host)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
         try:
             os.write(fd, pretty(state))

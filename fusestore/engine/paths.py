@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -83,11 +84,34 @@ def open_dir(base_fd: int, parts: list[str], create: bool = False, mode: int = 0
 
 
 def renameat2(src_dir: int, src: str | bytes, dst_dir: int, dst: str | bytes, flags: int = 0) -> None:
+    """renameat2(2). Network filesystems (NFS, CephFS) take no flags (EINVAL): there
+    RENAME_NOREPLACE is done by `_rename_noreplace`; RENAME_EXCHANGE fails as it would."""
     src_b = os.fsencode(src)
     dst_b = os.fsencode(dst)
     if _renameat2(src_dir, src_b, dst_dir, dst_b, flags) != 0:
         err = ctypes.get_errno()
+        if err == errno.EINVAL and flags == RENAME_NOREPLACE:
+            _rename_noreplace(src_dir, src_b, dst_dir, dst_b)
+            return
         raise OSError(err, os.strerror(err), os.fsdecode(dst))
+
+
+def _rename_noreplace(src_dir: int, src: bytes, dst_dir: int, dst: bytes) -> None:
+    """RENAME_NOREPLACE where the filesystem lacks it: a file is linked to its new name (which
+    fails if the name exists: as atomic as the flag) and then unlinked from the old; a crash in
+    between leaves both names, never neither. A directory (fusestore moves only directories of
+    its own, never empty ones) is renamed after a check; rename(2) never replaces a directory
+    that has entries."""
+    if not stat.S_ISDIR(os.stat(src, dir_fd=src_dir, follow_symlinks=False).st_mode):
+        os.link(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+        os.unlink(src, dir_fd=src_dir)
+        return
+    try:
+        os.stat(dst, dir_fd=dst_dir, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

@@ -32,7 +32,7 @@ from typing import Callable
 
 import msgspec
 
-from fusestore.engine import _publish, layout, validate
+from fusestore.engine import _publish, layout, locks, validate
 from fusestore.engine import config as config_mod
 from fusestore.engine.backups import Backups
 from fusestore.engine.paths import DIR_FLAGS, RENAME_NOREPLACE, clone_or_copy, components, open_dir, renameat2
@@ -103,11 +103,14 @@ class Stage:
 
 
 class Store:
-    def __init__(self, backing: str, config: config_mod.Config):
+    def __init__(self, backing: str, config: config_mod.Config, host: str | None = None):
         self.backing = os.path.abspath(backing)
         self.config = config
         self.root_fd = os.open(self.backing, DIR_FLAGS)
-        self.state = StateDir(self.root_fd, self.backing)
+        self.state = StateDir(self.root_fd, self.backing, host)
+        # Held while a file's content, name or backups change: serializes commits of one file
+        # across every host serving the tree (engine.locks).
+        self.locks = self.state.locks
         self.backups = Backups(self.state.backups_fd, config.backups.keep, config.backups.budget)
         self.stats = Stats()
         self._names = itertools.count()
@@ -221,7 +224,7 @@ class Store:
     # -- commit ----------------------------------------------------------------------------
 
     def commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str, backup: bool = True,
-               kill_setid: bool = False) -> os.stat_result | None:
+               kill_setid: bool = False, wait: bool = True) -> os.stat_result | None:
         """Replace `name` in `dir_fd` by the staged content. On success the stage's name is
         gone and its fd, still open, is the committed file's: the caller closes it.
 
@@ -232,7 +235,15 @@ class Store:
         not worth a generation. `kill_setid` says an unprivileged process wrote the content: as
         on any filesystem, the set-user-ID bit (and the set-group-ID bit of a group-executable
         file) do not carry over, nor stay on a file's first content. Returns the stat of the file
-        the name had before (None for a new file)."""
+        the name had before (None for a new file).
+
+        All of it happens under the file's commit lock (engine.locks), which another host may
+        hold: without `wait`, `LockBusy` then, the stage untouched."""
+        with self.locks.path(relpath, wait=wait):
+            return self._commit(stage, dir_fd, name, relpath, backup, kill_setid)
+
+    def _commit(self, stage: Stage, dir_fd: int, name: str | bytes, relpath: str, backup: bool,
+                kill_setid: bool) -> os.stat_result | None:
         rule = self.rule(relpath)
         try:
             current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -401,9 +412,10 @@ class Store:
         """Unlink `name`, durably: its content kept as a backup (made durable first, so a crash
         in between loses nothing), then the directory fsynced, so that a delete that returned
         stays done after a crash of the machine. Returns whether a backup was kept."""
-        kept = self.keep_backup(dir_fd, name, relpath)
-        os.unlink(name, dir_fd=dir_fd)
-        os.fsync(dir_fd)
+        with self.locks.path(relpath):
+            kept = self.keep_backup(dir_fd, name, relpath)
+            os.unlink(name, dir_fd=dir_fd)
+            os.fsync(dir_fd)
         return kept
 
     def keep_backup(self, dir_fd: int, name: str | bytes, relpath: str) -> bool:
@@ -425,7 +437,11 @@ class Store:
         """Drop the oldest generations while backups take more than `backups.max_bytes`."""
         if not self.backups.over_budget():
             return 0
-        dropped = self.backups.trim(self.exists)
+        try:
+            with self.locks.tree(locks.BACKUPS_TRIM, wait=False):
+                dropped = self.backups.trim(self.exists)
+        except locks.LockBusy:
+            return 0  # another host trims
         if dropped:
             log.info("dropped %d old backup generation(s) to keep backups under %d bytes", dropped,
                      self.backups.budget)

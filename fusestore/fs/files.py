@@ -41,6 +41,7 @@ import time
 import pyfuse3
 import trio
 
+from fusestore.engine.locks import LockBusy
 from fusestore.engine.paths import fallocate
 from fusestore.engine.store import Invalid, Rejected, Stage, Store
 from fusestore.fs.nodes import InodeTable, Node
@@ -57,7 +58,7 @@ _PASS_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
 class Handle:
     """One open file description of a regular file (one FUSE `fh`, shared by `dup` and `fork`)."""
 
-    __slots__ = ("node", "flags", "fd", "writer", "holds", "direct", "wrote", "version")
+    __slots__ = ("node", "flags", "fd", "writer", "holds", "direct", "wrote", "version", "claim")
 
     def __init__(self, node: Node, flags: int, created: bool):
         self.node = node
@@ -70,6 +71,7 @@ class Handle:
         self.direct = False
         self.wrote = False  # wrote since the last commit
         self.version = node.commits  # a read-only handle reads the version committed at its open
+        self.claim: str | None = None  # the path of a direct file this handle claims (Files._claim)
 
 
 def version_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -107,6 +109,8 @@ class Files:
         self.passthrough_refused: str | None = None
         self._committing = 0  # commits under way in workers
         self._written: set[Node] = set()  # nodes with write-capable handles
+        # Direct files open on this host: path -> (descriptor holding the claim, handles).
+        self._claims: dict[str, tuple[int | None, int]] = {}
         self._commit_seconds = 0.0  # how long commits take, a moving average
         self.notifier = CommitNotifier()  # started by the daemon once the mount answers
 
@@ -138,7 +142,13 @@ class Files:
                 self._supersede(node)
         if mode != "staged":
             parent, name = node.location
-            handle.fd = os.open(name, (flags & _PASS_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            if mode == "direct":
+                self._claim(handle, node.relpath())
+            try:
+                handle.fd = os.open(name, (flags & _PASS_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            except BaseException:
+                self._unclaim(handle)
+                raise
             handle.direct = True
             # Direct files have one version, so they get the page cache and shared maps, or
             # better, passthrough (`_write_through_backing`). Not kept across opens: a change
@@ -195,6 +205,29 @@ class Files:
                 node.readers.add(handle)
         node.handles += 1
         return handle, info
+
+    def _claim(self, handle: Handle, relpath: str) -> None:
+        """A direct file (a database) is open on one host at a time (engine.locks `claim`):
+        EBUSY when another host has it open."""
+        fd, count = self._claims.get(relpath, (None, 0))
+        if count == 0:
+            try:
+                fd = self.store.locks.claim(relpath)
+            except LockBusy:
+                log.warning("%s is open on another host: refused here (EBUSY)", relpath)
+                raise pyfuse3.FUSEError(errno.EBUSY) from None
+        self._claims[relpath] = (fd, count + 1)
+        handle.claim = relpath
+
+    def _unclaim(self, handle: Handle) -> None:
+        if handle.claim is None:
+            return
+        fd, count = self._claims.pop(handle.claim)
+        if count > 1:
+            self._claims[handle.claim] = (fd, count - 1)
+        elif fd is not None:
+            os.close(fd)
+        handle.claim = None
 
     def _read_through_page_cache(self, node: Node, handle: Handle, info: pyfuse3.FileInfo) -> None:
         """A read-only open of a committed file nobody writes reads through the kernel's page
@@ -454,6 +487,7 @@ class Files:
         node = handle.node
         if handle.fd is not None:
             os.close(handle.fd)
+        self._unclaim(handle)
         node.readers.discard(handle)
         node.cached.discard(handle)
         node.through.discard(handle)
@@ -542,8 +576,11 @@ class Files:
         inline = (len(self._written) <= 1 and self._committing == 0 and self._commit_seconds < self.INLINE_SECONDS
                   and os.fstat(stage.fd).st_size <= self.INLINE_BYTES)
         if inline:
-            replaced, seconds = self._timed_commit(*args)
-        else:
+            try:
+                replaced, seconds = self._timed_commit(*args, wait=False)
+            except LockBusy:  # another host commits the file: wait in a worker
+                inline = False
+        if not inline:
             self._committing += 1
             try:
                 replaced, seconds = await self.workers.run(self._timed_commit, *args)
@@ -552,20 +589,20 @@ class Files:
         self._commit_seconds = 0.8 * self._commit_seconds + 0.2 * seconds
         return replaced
 
-    def _timed_commit(self, *args) -> tuple[os.stat_result | None, float]:
+    def _timed_commit(self, *args, wait: bool = True) -> tuple[os.stat_result | None, float]:
         start = time.perf_counter()
-        replaced = self._commit_and_invalidate(*args)
+        replaced = self._commit_and_invalidate(*args, wait=wait)
         return replaced, time.perf_counter() - start
 
     def _commit_and_invalidate(self, ino: int, stage: Stage, dir_fd: int, name: bytes, relpath: str, backup: bool,
-                               kill_setid: bool) -> os.stat_result | None:
+                               kill_setid: bool, wait: bool = True) -> os.stat_result | None:
         """The commit, then the kernel's cached attributes of the file are dropped before the
         writer's close() returns, so the next stat sees the new size. (Attributes only: that
         takes no lock in the kernel and cannot block without writeback caching, so it may run
         on the trio thread.) Pages need no invalidation: the page cache of a node is only ever
         filled by readers of a version nobody writes (`_read_through_page_cache`). Returns the
         stat of the file the name had before, when that file has other hard links."""
-        before = self.store.commit(stage, dir_fd, name, relpath, backup, kill_setid)
+        before = self.store.commit(stage, dir_fd, name, relpath, backup, kill_setid, wait)
         self._invalidate_attrs(ino)
         return before if before is not None and before.st_nlink > 1 else None
 

@@ -581,6 +581,15 @@ class Filesystem(pyfuse3.Operations):
             await self._drop_cached_attrs(self.links.others(dst_st, dst.ino if dst else None))
 
     def _rename(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_st) -> bool:
+        with self.store.locks.path(src_rel, dst_rel):  # as a commit of both names, for other hosts
+            return self._rename_locked(old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_st)
+
+    def _rename_locked(self, old_fd, name_old, new_fd, name_new, flags, src_rel, dst_rel, dst_st) -> bool:
+        # Looked at again under the lock: another host may have made or replaced the target.
+        try:
+            dst_st = os.stat(name_new, dir_fd=new_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            dst_st = None
         # Content that may not stand under its new name is refused before anything moves.
         replacing = dst_st.st_size if dst_st is not None and stat.S_ISREG(dst_st.st_mode) else None
         reason = self.store.check_file(old_fd, name_old, dst_rel, replacing)
