@@ -24,7 +24,7 @@ import trio
 from fusestore import control
 from fusestore.engine import cache as cache_mod
 from fusestore.engine import config as config_mod
-from fusestore.engine import locks, maintenance
+from fusestore.engine import locks, maintenance, paths
 from fusestore.engine import state as state_mod
 from fusestore.engine.cache import Cache
 from fusestore.engine.errors import FusestoreError
@@ -447,17 +447,9 @@ def serve(backing: str, mountpoint: str, options: list[str], config_path: str | 
         store.backups.recount_seconds = BACKUPS_RECOUNT_SECONDS
     try:
         cache = Cache(cache_mod.directory(backing, config.cache), config.cache, verify=True, host=store.state.host)
-    except (OSError, sqlite3.Error) as e:
+    except (OSError, sqlite3.Error, cache_mod.CacheError) as e:
         where = cache_mod.directory(backing, config.cache)
         report(f"error: cannot open the cache {where}: {getattr(e, 'strerror', None) or e}")
-        store.close()
-        return 1
-    if shared_with and cache.journal_mode == "wal":
-        # WAL needs memory shared by every process using the index: one host's.
-        report(f"error: the cache index of {backing} is in WAL mode, held open by a process that predates "
-               f"this version (a daemon or program of host(s) {', '.join(shared_with)}): remount or restart it, "
-               "so that the index takes the rollback journal hosts can share")
-        cache.close()
         store.close()
         return 1
     fs = Filesystem(store, Options(xattr="xattr" in opts, show_virtual="show_virtual" in opts, page_cache=page_cache,
@@ -518,11 +510,11 @@ def _check_locks(store: Store) -> list[str]:
     """The other hosts that have served the tree. Serving it beside them needs byte-range locks
     that hold across hosts (engine.locks): where the filesystem refuses them, only one host may
     ever serve the tree, and a second is refused, naming the filesystem."""
-    others = [h.id for h in _hosts_or_unknown(store) if h.id != store.state.host and not h.retired]
+    others = state_mod.other_hosts(store.backing, store.state.host)
     try:
         store.locks.probe()
     except locks.LocksUnsupported as e:
-        fstype = filesystem_type(store.backing)
+        fstype = paths.filesystem_type(store.backing)
         if others:
             raise MountError(
                 f"{store.backing} is on a {fstype} filesystem without byte-range locks ({e.strerror}), which hosts "
@@ -532,25 +524,6 @@ def _check_locks(store: Store) -> list[str]:
                     store.backing, fstype, e.strerror)
         store.locks.disable()
     return others
-
-
-def _hosts_or_unknown(store: Store) -> list[state_mod.Host]:
-    try:
-        return state_mod.hosts(store.state.fd)
-    except OSError:  # no locks to test: every host directory counts
-        return [state_mod.Host(name, False) for name in sorted(os.listdir(store.state.hosts_fd))]
-
-
-def filesystem_type(path: str) -> str:
-    """The type of the filesystem that holds `path` (nfs4, ceph, ext4...), from /proc."""
-    real, best, fstype = os.path.realpath(path), "", "unknown"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            point = left.split()[4].replace("\\040", " ")
-            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                best, fstype = point, right.split()[0]
-    return fstype
 
 
 def notify_systemd(message: str) -> None:

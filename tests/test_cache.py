@@ -409,3 +409,19 @@ def test_rate_limit_holds_across_processes(tmp_path):
              for _ in range(5)]
     allowed = sum(int(p.communicate(timeout=120)[0]) for p in procs)
     assert allowed == 25
+
+
+def test_an_index_several_hosts_may_use_keeps_out_of_wal_mode(tmp_path, clock):
+    """On a network filesystem the index takes SQLite's rollback journal (WAL needs memory that
+    every user shares); while a process holds it in WAL mode, such a cache refuses to open."""
+    root = tmp_path / "c"
+    with Cache(str(root), clock=clock) as local:  # a local filesystem: WAL
+        assert local.journal_mode == "wal"
+        local.put("https://x/1", b"one", "media")
+        with pytest.raises(CacheError, match="WAL mode"):
+            Cache(str(root), clock=clock, shared=True)
+    with Cache(str(root), clock=clock, shared=True) as shared:
+        assert shared.journal_mode == "persist"
+        assert shared.get("https://x/1") is not None
+        shared.put("https://x/2", b"two", "media")
+    assert (root / "index.sqlite-journal").exists() and not (root / "index.sqlite-wal").exists()

@@ -6,8 +6,8 @@ Layout of the cache directory (by default `.fusestore/cache` of the backing tree
     media/<key>/<data file>, media/<key>/metadata.json
     tts/<key>/<data file>,   tts/<key>/metadata.json
     rate-limits.json         request times per provider (see `acquire`)
-    index.sqlite             the index (rollback journal, kept: PERSIST), rebuilt from the entries when
-                             missing or damaged
+    index.sqlite             the index (WAL mode; a rollback journal when several hosts share the
+                             tree), rebuilt from the entries when missing or damaged
     .tmp/, .trash/           entries being built and entries being removed
 
 Guarantees:
@@ -29,9 +29,14 @@ Guarantees:
 All calls block; the filesystem calls them from worker threads. Each thread uses its own SQLite
 connection, and every process may open the same directory at once, on this host or on another
 one sharing the tree over a network filesystem:
-- The index uses SQLite's rollback journal, whose locks are fcntl locks on the database file
+- On a network filesystem (`paths.NETWORK_FILESYSTEMS`: several hosts may use the index) the
+  index uses SQLite's rollback journal, whose locks are fcntl locks on the database file
   (cluster-wide on NFSv4 and CephFS, as SQLite's own notes on network filesystems require);
-  WAL mode would need memory shared by every process using the index, which hosts do not share.
+  WAL mode needs memory shared by every process using the index, which hosts do not share.
+  Elsewhere it keeps WAL: every process using it runs on this machine, and a use of an entry
+  (an index write) costs about a tenth of what the rollback journal's fsyncs cost. A change of
+  mode takes effect when no process holds the index; until then a cache on a network
+  filesystem refuses to open (CacheError) rather than use WAL there.
 - Work in progress is named by its owner's host and pid. A process judges (and recovers) only
   what its own host's dead processes left; what a host that died left waits for that host's next
   daemon, or for `fusestore check --repair --host ID` (`recover(dead_hosts=...)`).
@@ -57,7 +62,15 @@ from fusestore.engine.config import Cache as CacheConfig
 from fusestore.engine.errors import FusestoreError
 from fusestore.engine.jskey import cache_key
 from fusestore.engine.jsontext import pretty
-from fusestore.engine.paths import DIR_FLAGS, RENAME_EXCHANGE, RENAME_NOREPLACE, clone_or_copy, renameat2
+from fusestore.engine.paths import (
+    DIR_FLAGS,
+    NETWORK_FILESYSTEMS,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    clone_or_copy,
+    filesystem_type,
+    renameat2,
+)
 from fusestore.engine.state import STATE_NAME, check_host_id, default_host_id
 from fusestore.engine.validate import check
 
@@ -237,10 +250,12 @@ class Cache:
     """One cache directory. `clock` returns the current time (tests pass a fake one)."""
 
     def __init__(self, directory: str, config: CacheConfig | None = None, clock: Callable[[], float] = time.time,
-                 verify: bool = False, host: str | None = None):
+                 verify: bool = False, host: str | None = None, shared: bool | None = None):
         self.dir = os.path.abspath(directory)
         self.host = check_host_id(host or default_host_id())
-        self.journal_mode = "persist"  # what the index's connections got (`_connect`)
+        # Maybe used by several hosts: the rollback journal, not WAL.
+        self.shared = filesystem_type(self.dir) in NETWORK_FILESYSTEMS if shared is None else shared
+        self.journal_mode = ""  # what the index's connections got (`_connect`)
         self.config = config or CacheConfig()
         self.clock = clock
         os.makedirs(self.dir, mode=0o755, exist_ok=True)
@@ -266,6 +281,12 @@ class Cache:
         # thread: emit(kind, path, **fields). The daemon's event ring, or a note to it.
         self.emit: Callable[..., None] = _no_events
         self._open_index(verify)
+        if shared and self.journal_mode == "wal":
+            self.close()
+            raise CacheError(f"the cache index {self.dir}/{_INDEX_DB}, on a network filesystem, is in WAL mode and "
+                             "held open by a process that uses it from its local filesystem (a daemon or program "
+                             "on the file server itself?): serve and use the tree through the network mount on "
+                             "every host, the server too")
         self.recover()
 
     def close(self) -> None:
@@ -288,14 +309,15 @@ class Cache:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(os.path.join(self.dir, _INDEX_DB), timeout=60.0, isolation_level=None,
                              check_same_thread=False)
+        # PERSIST, when shared: the journal file stays between transactions (zeroed, not
+        # deleted), which saves a create and an unlink per transaction, round trips on a
+        # network filesystem. A change of mode takes effect once no other process has it open.
+        want = "persist" if self.shared else "wal"
         try:
-            # PERSIST: the journal file stays between transactions (zeroed, not deleted), which
-            # saves a create and an unlink per transaction, round trips on a network filesystem.
-            # An index made in WAL mode leaves it here once no other process has it open.
-            self.journal_mode = db.execute("PRAGMA journal_mode=PERSIST").fetchone()[0]
+            self.journal_mode = db.execute(f"PRAGMA journal_mode={want}").fetchone()[0].lower()
         except sqlite3.OperationalError as e:
-            self.journal_mode = "wal"
-            log.warning("cache index: still in WAL mode while another process uses it (%s)", e)
+            self.journal_mode = db.execute("PRAGMA journal_mode").fetchone()[0].lower()
+            log.info("cache index: kept in %s mode while another process uses it (%s)", self.journal_mode, e)
         db.execute("PRAGMA synchronous=FULL")
         return db
 

@@ -230,6 +230,7 @@ def gc(store: Store) -> GcReport:
     cutoff = time.time_ns() - int(store.config.backups.max_age_days * 86400e9)
     removed = store.backups.expire(cutoff, store.exists)
     over = store.keep_backups_in_budget()
-    with Cache(directory(store.backing, store.config.cache), store.config.cache, verify=True) as cache:
+    with Cache(directory(store.backing, store.config.cache), store.config.cache, verify=True,
+               host=store.state.host) as cache:
         expired = cache.gc()
     return GcReport(removed + over, over, store.backups.usage(), expired)

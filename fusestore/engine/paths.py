@@ -161,3 +161,23 @@ def data_extents(fd: int, size: int):
         end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
         yield start, end
         offset = end
+
+
+# Filesystems that several machines mount at once: what lives there may be used by processes
+# that share no memory (engine.cache keeps its index out of WAL mode there).
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "ceph", "cifs", "smb3", "9p", "afs", "lustre", "gpfs", "beegfs", "ocfs2", "gfs2", "glusterfs",
+    "fuse.glusterfs", "fuse.juicefs", "fuse.sshfs", "fuse.s3fs", "fuse.ceph-fuse", "fuse.cephfs",
+})
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem that holds `path` (nfs4, ceph, ext4...), from /proc."""
+    real, best, fstype = os.path.realpath(path), "", "unknown"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            point = left.split()[4].replace("\\040", " ")
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, fstype = point, right.split()[0]
+    return fstype

@@ -196,6 +196,17 @@ class Host(msgspec.Struct, frozen=True):
     retired: bool = False
 
 
+def other_hosts(backing: str, host: str) -> list[str]:
+    """The hosts other than `host` that serve or have served the tree and are not retired: with
+    any, the tree is shared (`Cache(shared=True)`, the backups recounted)."""
+    hosts_path = os.path.join(backing, STATE_NAME, HOSTS_NAME)
+    try:
+        names = os.listdir(hosts_path)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n != host and not os.path.exists(os.path.join(hosts_path, n, RETIRED)))
+
+
 def hosts(state_fd: int) -> list[Host]:
     """Every host directory of the tree, live or not. A lock test: on a shared filesystem a
     daemon of another machine shows as serving."""
