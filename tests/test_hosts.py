@@ -386,6 +386,7 @@ def test_a_second_host_needs_byte_range_locks(tmp_path, monkeypatch):
     backing.mkdir()
     first = Store(str(backing), config.Config(), "alpha")
     try:
+        first.state.lock()
         assert daemon._check_locks(first) == []  # alone: served without cross-host locks
         with first.locks.path("a.json"):
             pass

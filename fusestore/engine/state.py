@@ -197,14 +197,15 @@ class Host(msgspec.Struct, frozen=True):
 
 
 def other_hosts(backing: str, host: str) -> list[str]:
-    """The hosts other than `host` that serve or have served the tree and are not retired: with
-    any, the tree is shared (`Cache(shared=True)`, the backups recounted)."""
+    """The hosts other than `host` that serve or have served the tree (a daemon took their lock)
+    and are not retired: with any, the tree is shared."""
     hosts_path = os.path.join(backing, STATE_NAME, HOSTS_NAME)
     try:
         names = os.listdir(hosts_path)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if n != host and not os.path.exists(os.path.join(hosts_path, n, RETIRED)))
+    return sorted(n for n in names if n != host and os.path.exists(os.path.join(hosts_path, n, "lock"))
+                  and not os.path.exists(os.path.join(hosts_path, n, RETIRED)))
 
 
 def hosts(state_fd: int) -> list[Host]:
