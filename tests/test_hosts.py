@@ -160,6 +160,7 @@ WRITER = textwrap.dedent("""
                 print("ack", name, n, flush=True)
                 if len(mine) > 5:
                     old = mine.pop(0)
+                    print("unlinking", old, flush=True)  # done or not if the daemon dies now
                     os.unlink(old, dir_fd=root)
                     print("gone", old, flush=True)
             elif action < 0.9:
@@ -195,13 +196,13 @@ def _versions(backing: Path, name: str) -> list[dict]:
     return found
 
 
-def _check_tree(backing: Path, acks: dict[str, list[tuple[str, int]]], gone: set[str]) -> int:
+def _check_tree(backing: Path, acks: dict[str, list[tuple[str, int]]], gone: dict[str, bool]) -> int:
     """Every acknowledged version of a file is its content or a backup generation of it; every
-    acknowledged delete is in effect. Returns how many versions were checked."""
+    acknowledged delete (`gone[name]` true) is in effect. Returns how many versions were checked."""
     checked = 0
     for name, written in acks.items():
         if name in gone:
-            assert not (backing / name).exists(), f"{name} was deleted and is back"
+            assert not gone[name] or not (backing / name).exists(), f"{name} was deleted and is back"
             continue
         seen = {(v["host"], v["n"]) for v in _versions(backing, name)}
         for version in written:
@@ -215,8 +216,10 @@ def _collect(lines: list[str], host: str, acks, gone, cached, torn) -> None:
         what, *rest = line.split()
         if what == "ack":
             acks.setdefault(rest[0], []).append((host, int(rest[1])))
+        elif what == "unlinking":
+            gone.setdefault(rest[0], False)  # in flight when the daemon died: done or not
         elif what == "gone":
-            gone.add(rest[0])
+            gone[rest[0]] = True
         elif what == "cache":
             cached[rest[0]] = (host, int(rest[1]))
         elif what == "torn":
@@ -237,7 +240,7 @@ def test_two_hosts_write_the_same_files_and_one_is_killed(hosts, capsys):
         assert proc.stdout.readline().strip() == "ready"
     time.sleep(3)
     beta.kill()  # under load; alpha goes on for the rest of its 6 seconds
-    acks, gone, cached, torn = {}, set(), {}, []
+    acks, gone, cached, torn = {}, {}, {}, []
     for (host, _), proc in procs.items():
         out, _ = proc.communicate(timeout=120)
         _collect(out.splitlines(), host, acks, gone, cached, torn)
