@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fusestore.engine.procs import start_time
+from fusestore.engine.state import default_host_id
 
 FUSESTORE = [sys.executable, "-m", "fusestore"]
 
@@ -41,7 +41,7 @@ def fusestore(*args: str, check: bool = True, **kw) -> subprocess.CompletedProce
 
 def host_dir(backing: Path, host_id: str | None = None) -> Path:
     """The state a host keeps of its own in a tree (`.fusestore/hosts/<id>`)."""
-    return Path(backing) / ".fusestore" / "hosts" / (host_id or socket.gethostname())
+    return Path(backing) / ".fusestore" / "hosts" / (host_id or default_host_id())
 
 
 def daemon_pid(backing: Path, host_id: str | None = None) -> int:
@@ -82,7 +82,7 @@ class Mount:
     @property
     def host_id(self) -> str:
         ids = [o.partition("=")[2] for o in self.options if o.startswith("host_id=")]
-        return ids[-1] if ids else socket.gethostname()
+        return ids[-1] if ids else default_host_id()
 
     @property
     def quarantine(self) -> list[Path]:

@@ -425,3 +425,25 @@ def test_a_database_is_open_on_one_host_at_a_time(hosts):
     assert busy.returncode != 0 and "unable to open database file" in busy.stderr
     holder.communicate("\n", timeout=30)
     assert beta.call(sys.executable, "-c", query).stdout.strip() == "1"
+
+
+def test_a_machine_whose_name_was_never_set(tree):
+    """A machine that never set its hostname (a minimal VM's init, some containers) is named
+    "(none)", which is no valid host id: the default is then "none", and the mount works."""
+    if os.geteuid() != 0:
+        pytest.skip("unshare -u needs root")
+    backing, mnt = tree
+    fs = " ".join(FUSESTORE)
+    script = f"""
+        {sys.executable} -c "import socket; socket.sethostname('(none)')" || exit 9
+        {fs} mount {backing} {mnt} || exit 10
+        echo '{{"a": 1}}' > {mnt}/a.json
+        {fs} status {mnt} --json
+        {fs} unmount {mnt} || exit 11
+    """
+    result = subprocess.run(["unshare", "-u", "sh", "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["host"] == "none"
+    assert json.loads((backing / "a.json").read_text()) == {"a": 1}
+    assert (host_dir(backing, "none") / "lock").exists()

@@ -53,7 +53,7 @@ def test_fstab_line_mount_and_umount(tree, tmp_path):
         mount -T {fstab} {mnt} || exit 10
         grep " {mnt} " /proc/self/mountinfo
         echo '{{"from": "fstab"}}' > {mnt}/doc.json || exit 11
-        pid=$(cut -d' ' -f1 {backing}/.fusestore/hosts/$(hostname)/lock)
+        pid=$(cut -d' ' -f1 {host_dir(backing)}/lock)
         umount {mnt} || exit 12
         for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
         kill -0 $pid 2>/dev/null && exit 13
@@ -105,7 +105,7 @@ def test_lazy_umount_commits_what_a_writer_still_holds(tree, tmp_path):
     """))
     result = in_namespace(tmp_path, f"""
         mount -t fusestore {backing} {mnt} || exit 10
-        pid=$(cut -d' ' -f1 {backing}/.fusestore/hosts/$(hostname)/lock)
+        pid=$(cut -d' ' -f1 {host_dir(backing)}/lock)
         {sys.executable} {writer} > {tmp_path}/writer.out &
         while ! grep -q open {tmp_path}/writer.out 2>/dev/null; do sleep 0.05; done
         umount {mnt} 2>/dev/null && exit 11   # busy, as any filesystem with an open file

@@ -14,7 +14,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from fusestore.engine import validate
 from fusestore.engine.cache import Cache
 from fusestore.engine.config import Cache as CacheConfig
 from fusestore.engine.jskey import cache_key
+from fusestore.engine.state import default_host_id
 
 DOC = json.dumps({"title": "x" * 3900, "segments": [1, 2, 3]}).encode()  # about 4 KiB
 
@@ -236,7 +236,7 @@ def proc_cpu(pid: int) -> float:
 
 
 def daemon_pid(backing: str) -> int:
-    with open(os.path.join(backing, ".fusestore", "hosts", socket.gethostname(), "lock")) as f:
+    with open(os.path.join(backing, ".fusestore", "hosts", default_host_id(), "lock")) as f:
         return int(f.read().split()[0])
 
 

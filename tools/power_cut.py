@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blocklog  # noqa: E402
+
+from fusestore.engine.state import default_host_id  # noqa: E402
 
 FUSESTORE = [sys.executable, "-m", "fusestore"]
 IMAGE_MIB = 96
@@ -55,7 +56,7 @@ def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 
 def host_dir(tree: Path) -> Path:
-    return tree / ".fusestore" / "hosts" / socket.gethostname()
+    return tree / ".fusestore" / "hosts" / default_host_id()
 
 
 def digest(data: bytes) -> str:

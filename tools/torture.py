@@ -34,12 +34,13 @@ import errno
 import os
 import random
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
+
+from fusestore.engine.state import default_host_id
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
@@ -463,7 +464,7 @@ def main() -> int:
         os.mkdir(d)
     fusestore = [sys.executable, "-m", "fusestore"]
     subprocess.run([*fusestore, "mount", backing, mnt], check=True)
-    with open(os.path.join(backing, ".fusestore", "hosts", socket.gethostname(), "lock")) as f:
+    with open(os.path.join(backing, ".fusestore", "hosts", default_host_id(), "lock")) as f:
         pid = int(f.read().split()[0])
     before = daemon_usage(pid)
     t = time.monotonic()

@@ -40,7 +40,12 @@ _HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def default_host_id() -> str:
-    return os.environ.get("FUSESTORE_HOST_ID") or socket.gethostname() or "localhost"
+    """FUSESTORE_HOST_ID, else the hostname made a valid host id (a machine whose name was never
+    set is "(none)": "none")."""
+    named = os.environ.get("FUSESTORE_HOST_ID")
+    if named:
+        return named
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname()).strip("-._")[:64] or "localhost"
 
 
 def check_host_id(name: str) -> str:
