@@ -4,6 +4,7 @@ renames and cache changes to any number of followers without ever waiting for on
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -153,10 +154,15 @@ def test_events_report_each_kind(mount):
 
 def test_events_since_and_after(mount):
     (mount / "old.json").write_text("{}")
-    time.sleep(1.1)
+    time.sleep(0.2)
+    middle = time.time()
+    time.sleep(0.2)
     (mount / "new.json").write_text("{}")
-    recent = _events(mount, "--since", "1s")
+    # A time, not a duration ago: the command itself may take a second to start (in an
+    # emulated VM), and a duration counts from its start.
+    recent = _events(mount, "--since", datetime.datetime.fromtimestamp(middle).isoformat())
     assert {e["path"] for e in recent} == {"new.json"}
+    assert {"old.json", "new.json"} <= {e["path"] for e in _events(mount, "--since", "1h")}
     everything = _events(mount)
     after = _events(mount, "--after", str(everything[0]["seq"]))
     assert after == everything[1:]
